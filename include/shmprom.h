@@ -1,0 +1,79 @@
+/* shmprom: lock-free shared-memory Prometheus metrics (C ABI).
+ *
+ * This file is the single source of the LuaJIT ffi.cdef text: the part
+ * between the SHMPROM_CDEF_BEGIN and SHMPROM_CDEF_END lines is read by
+ * lua/resty/shmprom/cdefs.lua's generator check (t/ and tests/abi.rs).
+ *
+ * Conventions: functions return 0 (or a non-negative result) on success and
+ * a negative SHMPROM_E* code on failure, with a NUL-terminated message in
+ * the caller's `err` buffer of `errlen` bytes. Nothing unwinds across this
+ * boundary. */
+#ifndef SHMPROM_H
+#define SHMPROM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SHMPROM_ABI_VERSION 1
+
+#define SHMPROM_OK 0
+#define SHMPROM_EINVAL (-1)
+#define SHMPROM_EFULL (-2)
+#define SHMPROM_ENOENT (-3)
+#define SHMPROM_EOS (-4)
+#define SHMPROM_EPANIC (-5)
+#define SHMPROM_ESTUCK (-6)
+#define SHMPROM_ETOOLONG (-7)
+
+/* SHMPROM_CDEF_BEGIN */
+typedef struct shmprom_zone shmprom_zone;
+
+typedef struct shmprom_zone_info {
+    double *cells;
+    uint64_t plane_stride;
+    const uint32_t *epoch;
+    uint32_t planes;
+    uint32_t abi;
+} shmprom_zone_info;
+
+uint32_t shmprom_abi_version(void);
+const char *shmprom_version(void);
+int shmprom_zone_open(const char *name, size_t name_len, uint64_t size,
+                      uint32_t planes, const char *path, shmprom_zone **out,
+                      char *err, size_t errlen);
+int shmprom_zone_get_info(const shmprom_zone *z, shmprom_zone_info *out);
+int shmprom_plane_claim(shmprom_zone *z, uint32_t pid);
+int64_t shmprom_family_define(shmprom_zone *z, const char *name,
+                              size_t name_len, const char *help,
+                              size_t help_len, uint32_t kind, uint32_t mode,
+                              uint32_t nlabels, const char *const *labels,
+                              const size_t *label_lens, uint32_t nbuckets,
+                              const double *buckets, char *err, size_t errlen);
+int64_t shmprom_series_get(shmprom_zone *z, uint32_t family, uint32_t nvalues,
+                           const char *const *values, const size_t *value_lens,
+                           char *err, size_t errlen);
+int shmprom_series_del(shmprom_zone *z, uint32_t family, uint32_t nvalues,
+                       const char *const *values, const size_t *value_lens,
+                       char *err, size_t errlen);
+int shmprom_family_reset(shmprom_zone *z, uint32_t family, char *err,
+                         size_t errlen);
+void shmprom_cell_add(shmprom_zone *z, uint32_t plane, uint64_t cell, double v);
+void shmprom_cell_set(shmprom_zone *z, uint32_t plane, uint64_t cell, double v);
+double shmprom_cell_get(const shmprom_zone *z, uint32_t family, uint64_t cell,
+                        uint32_t k);
+void shmprom_error_count(shmprom_zone *z, uint32_t kind);
+int shmprom_render(shmprom_zone *z, uint32_t format, uint8_t **out,
+                   size_t *len, char *err, size_t errlen);
+void shmprom_buf_free(uint8_t *buf, size_t len);
+int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
+/* SHMPROM_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SHMPROM_H */

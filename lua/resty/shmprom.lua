@@ -1,0 +1,934 @@
+-- resty.shmprom: Prometheus metrics for every nginx worker in one
+-- lock-free shared-memory zone (libshmprom.so, through LuaJIT FFI).
+--
+-- Definitions raise error(msg, 2) at the caller's line; updates never raise:
+-- they return true, or nil and a message, and count the failure in
+-- shmprom_errors_total{kind}.
+
+local ffi = require "ffi"
+local cdefs = require "resty.shmprom.cdefs"
+
+local ffi_new = ffi.new
+local ffi_string = ffi.string
+local type = type
+local tostring = tostring
+local tonumber = tonumber
+local error = error
+local pcall = pcall
+local setmetatable = setmetatable
+local concat = table.concat
+local str_format = string.format
+local str_find = string.find
+local floor = math.floor
+local HUGE = math.huge
+local ngx = ngx
+
+local _M = {
+    _VERSION = "0.1.0",
+    -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
+    ABI = 1,
+}
+
+local FFI_OK = 0
+local KIND_COUNTER, KIND_GAUGE, KIND_HISTOGRAM = 0, 1, 2
+local MODE_SET, MODE_LIVESUM = 0, 1
+local ERR_BAD_VALUE, ERR_BAD_LABELS, ERR_INTERNAL = 0, 1, 4
+-- Entries in a family's label cache before it is dropped and rebuilt.
+local MAX_CACHE = 65536
+-- Seconds between two error-log lines of the same kind, per worker.
+local LOG_INTERVAL = 1
+
+local CT_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+local CT_OPENMETRICS =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+_M.DEFAULT_BUCKETS = {
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+}
+
+local ERRLEN = 512
+local errbuf = ffi_new("char[?]", ERRLEN)
+
+local C -- the loaded library
+local lib_path
+
+local function errmsg()
+    return ffi_string(errbuf)
+end
+
+-- Finds libshmprom.so along package.cpath ("?" -> "libshmprom").
+local function find_lib()
+    for tpl in package.cpath:gmatch("[^;]+") do
+        local p = tpl:gsub("%?", "libshmprom")
+        local f = io.open(p, "rb")
+        if f then
+            f:close()
+            return p
+        end
+    end
+    return nil
+end
+
+local function load_lib(path, level)
+    if C then
+        return C
+    end
+    path = path or find_lib()
+    if not path then
+        error("resty.shmprom: libshmprom.so not found along package.cpath ("
+              .. package.cpath .. "); add its directory, e.g. "
+              .. "lua_package_cpath \"/path/to/shmprom/target/release/?.so;;\";",
+              level + 1)
+    end
+    cdefs.define()
+    local ok, lib = pcall(ffi.load, path)
+    if not ok then
+        error("resty.shmprom: cannot load " .. path .. ": " .. tostring(lib),
+              level + 1)
+    end
+    local ok2, abi = pcall(function() return lib.shmprom_abi_version() end)
+    if not ok2 then
+        error("resty.shmprom: " .. path .. " is not a compatible libshmprom ("
+              .. tostring(abi) .. ")", level + 1)
+    end
+    abi = tonumber(abi)
+    if abi ~= _M.ABI then
+        error(str_format("resty.shmprom: version mismatch: %s speaks ABI %d "
+              .. "(library %s) but this wrapper (resty.shmprom %s) needs "
+              .. "ABI %d; install the library and lua/ from the same "
+              .. "release", path, abi, ffi_string(lib.shmprom_version()),
+              _M._VERSION, _M.ABI), level + 1)
+    end
+    C = lib
+    lib_path = path
+    return C
+end
+
+local log_last = {}
+local log_suppressed = {}
+
+-- Logs at most one line per kind and LOG_INTERVAL per worker.
+local function log_limited(kind, msg)
+    local now = ngx and ngx.now() or os.time()
+    local last = log_last[kind]
+    if last and now - last < LOG_INTERVAL then
+        log_suppressed[kind] = (log_suppressed[kind] or 0) + 1
+        return
+    end
+    log_last[kind] = now
+    local n = log_suppressed[kind]
+    if n and n > 0 then
+        msg = msg .. " (" .. n .. " similar messages suppressed)"
+        log_suppressed[kind] = 0
+    end
+    if ngx then
+        ngx.log(ngx.ERR, "shmprom: ", msg)
+    else
+        io.stderr:write("shmprom: ", msg, "\n")
+    end
+end
+
+local function parse_size(s)
+    if type(s) == "number" then
+        return s
+    end
+    if type(s) ~= "string" then
+        return nil
+    end
+    local n, unit = s:match("^%s*(%d+)%s*([kKmMgG]?)[bB]?%s*$")
+    if not n then
+        return nil
+    end
+    local mult = ({ [""] = 1, k = 1024, m = 1048576, g = 1073741824 })[
+        unit:lower()]
+    return tonumber(n) * mult
+end
+
+local function current_pid()
+    if ngx then
+        return ngx.worker.pid()
+    end
+    pcall(ffi.cdef, "int getpid(void);")
+    return ffi.C.getpid()
+end
+
+local function in_master_init()
+    return ngx and ngx.get_phase() == "init"
+end
+
+------------------------------------------------------------------------
+-- Zones
+
+local Zone = {}
+Zone.__index = Zone
+
+local zones = {} -- by name, one Lua object per VM
+
+-- Drops every label cache of the zone: series were deleted or families
+-- retired somewhere (epoch moved).
+local function refresh(z)
+    z.epoch = z.epoch_ptr[0]
+    local list = z.list
+    for i = 1, #list do
+        local f = list[i]
+        f.cache = {}
+        f.ncache = 0
+        f.idx0 = nil
+    end
+end
+
+-- Claims this worker's plane (plain stores instead of atomic calls).
+local function try_claim(z)
+    if in_master_init() then
+        return
+    end
+    local pid = current_pid()
+    local now = ngx and ngx.now() or os.time()
+    if z.claim_pid == pid and now - z.claim_at < 1 then
+        return
+    end
+    z.claim_pid = pid
+    z.claim_at = now
+    local p = tonumber(C.shmprom_plane_claim(z.ptr, pid))
+    if p and p > 0 then
+        z.plane = p
+        z.off = p * z.stride
+    end
+end
+
+--- shmprom.new{ zone = "name", size = "32m", planes = n, path = nil,
+---              lib = nil }
+-- Opens (creating it on first use) a shared zone. Call it from
+-- init_by_lua* so every worker inherits it.
+function _M.new(opts)
+    if type(opts) ~= "table" then
+        error("shmprom.new: expected a table of options", 2)
+    end
+    local name = opts.zone
+    if type(name) ~= "string" or name == "" then
+        error("shmprom.new: 'zone' must be a non-empty string", 2)
+    end
+    local size = parse_size(opts.size or "32m")
+    if not size then
+        error("shmprom.new: 'size' must be a number of bytes or a string "
+              .. "such as \"32m\", got " .. tostring(opts.size), 2)
+    end
+    local workers = ngx and ngx.worker.count() or 1
+    local planes = opts.planes or (workers + 1)
+    if type(planes) ~= "number" or planes < 0 or planes ~= floor(planes) then
+        error("shmprom.new: 'planes' must be a whole number", 2)
+    end
+    if opts.path ~= nil and type(opts.path) ~= "string" then
+        error("shmprom.new: 'path' must be a string", 2)
+    end
+    load_lib(opts.lib, 2)
+    local existing = zones[name]
+    if existing then
+        return existing
+    end
+    local out = ffi_new("shmprom_zone*[1]")
+    local rc = C.shmprom_zone_open(name, #name, size, planes + 1, opts.path,
+                                   out, errbuf, ERRLEN)
+    if rc < 0 then
+        error("shmprom.new: zone '" .. name .. "': " .. errmsg(), 2)
+    end
+    if rc == 1 and ngx then
+        ngx.log(ngx.WARN, "shmprom: zone '", name, "': ", errmsg())
+    end
+    local info = ffi_new("shmprom_zone_info")
+    if C.shmprom_zone_get_info(out[0], info) ~= FFI_OK then
+        error("shmprom.new: zone '" .. name .. "': no zone info", 2)
+    end
+    local z = setmetatable({
+        name = name,
+        ptr = out[0],
+        cells = info.cells,
+        stride = tonumber(info.plane_stride),
+        epoch_ptr = info.epoch,
+        epoch = info.epoch[0],
+        planes = info.planes,
+        plane = 0,
+        off = 0,
+        claim_pid = nil,
+        claim_at = 0,
+        list = {},
+        by_name = {},
+        lib = lib_path,
+    }, Zone)
+    zones[name] = z
+    return z
+end
+
+--- m:init_worker()
+-- Claims this worker's plane now (from init_worker_by_lua*). Optional: the
+-- first update claims it otherwise. Retries every second while all planes
+-- are taken (old workers of a reload still running).
+function Zone:init_worker()
+    try_claim(self)
+    if self.plane == 0 and ngx and not self.retrying then
+        self.retrying = true
+        local z = self
+        local ok, err = ngx.timer.every(1, function(premature)
+            if premature or z.plane > 0 then
+                return
+            end
+            z.claim_at = 0
+            try_claim(z)
+        end)
+        if not ok then
+            ngx.log(ngx.WARN, "shmprom: cannot start plane retry timer: ",
+                    err)
+        end
+    end
+    return self.plane
+end
+
+------------------------------------------------------------------------
+-- Families
+
+local Family = {}
+Family.__index = Family
+
+local Counter = setmetatable({}, Family)
+Counter.__index = Counter
+local Gauge = setmetatable({}, Family)
+Gauge.__index = Gauge
+local Histogram = setmetatable({}, Family)
+Histogram.__index = Histogram
+
+local KIND_NAMES = { [KIND_COUNTER] = "counter", [KIND_GAUGE] = "gauge",
+                     [KIND_HISTOGRAM] = "histogram" }
+local CLASSES = { [KIND_COUNTER] = Counter, [KIND_GAUGE] = Gauge,
+                  [KIND_HISTOGRAM] = Histogram }
+
+local function define(z, kind, name, help, labels, buckets, opts, level)
+    level = level + 1
+    if type(name) ~= "string" then
+        error("metric name must be a string", level)
+    end
+    if help == nil then
+        help = ""
+    elseif type(help) ~= "string" then
+        error("metric '" .. name .. "': help must be a string", level)
+    end
+    if labels == nil then
+        labels = {}
+    elseif type(labels) ~= "table" then
+        error("metric '" .. name .. "': label names must be a table of "
+              .. "strings", level)
+    end
+    local nl = #labels
+    for k in pairs(labels) do
+        if type(k) ~= "number" or k < 1 or k > nl or k ~= floor(k) then
+            error("metric '" .. name .. "': label names must be a list",
+                  level)
+        end
+    end
+    for i = 1, nl do
+        if type(labels[i]) ~= "string" then
+            error("metric '" .. name .. "': label name #" .. i
+                  .. " is not a string", level)
+        end
+    end
+    local mode = MODE_SET
+    if opts ~= nil then
+        if type(opts) ~= "table" then
+            error("metric '" .. name .. "': options must be a table", level)
+        end
+        if opts.mode ~= nil then
+            if kind ~= KIND_GAUGE then
+                error("metric '" .. name .. "': only gauges take a mode",
+                      level)
+            end
+            if opts.mode == "livesum" then
+                mode = MODE_LIVESUM
+            elseif opts.mode ~= "set" then
+                error("metric '" .. name .. "': unknown gauge mode '"
+                      .. tostring(opts.mode) .. "' (set or livesum)", level)
+            end
+        end
+    end
+    local bl = {}
+    if kind == KIND_HISTOGRAM then
+        if buckets == nil then
+            buckets = _M.DEFAULT_BUCKETS
+        elseif type(buckets) ~= "table" then
+            error("metric '" .. name .. "': buckets must be a table of "
+                  .. "numbers", level)
+        end
+        for i = 1, #buckets do
+            local b = buckets[i]
+            if type(b) ~= "number" then
+                error("metric '" .. name .. "': bucket #" .. i
+                      .. " is not a number", level)
+            end
+            if not (i == #buckets and b == HUGE) then
+                bl[#bl + 1] = b
+            end
+        end
+    end
+
+    local shape = KIND_NAMES[kind] .. "|" .. mode .. "|" .. concat(labels, ",")
+                  .. "|" .. concat(bl, ",")
+    local old = z.by_name[name]
+    if old then
+        if old.shape == shape then
+            if old.help ~= help then
+                error("metric '" .. name .. "' is already defined with "
+                      .. "another help text", level)
+            end
+            return old
+        end
+        error("metric '" .. name .. "' is already defined as "
+              .. old.shape .. "; cannot redefine it as " .. shape, level)
+    end
+
+    local ln = ffi_new("const char*[?]", nl + 1)
+    local ll = ffi_new("size_t[?]", nl + 1)
+    for i = 1, nl do
+        ln[i - 1] = labels[i]
+        ll[i - 1] = #labels[i]
+    end
+    local bb = ffi_new("double[?]", #bl + 1)
+    for i = 1, #bl do
+        bb[i - 1] = bl[i]
+    end
+    local id = C.shmprom_family_define(z.ptr, name, #name, help, #help, kind,
+                                       mode, nl, ln, ll, #bl, bb, errbuf,
+                                       ERRLEN)
+    if id < 0 then
+        error("metric '" .. name .. "': " .. errmsg(), level)
+    end
+    local f = setmetatable({
+        zone = z,
+        id = tonumber(id),
+        name = name,
+        help = help,
+        kind = kind,
+        mode = mode,
+        shape = shape,
+        label_names = labels,
+        nlabels = nl,
+        buckets = bl,
+        nb = #bl,
+        cache = {},
+        ncache = 0,
+        idx0 = nil,
+        -- scratch for the miss path
+        vals = ffi_new("const char*[?]", nl + 1),
+        lens = ffi_new("size_t[?]", nl + 1),
+        anchor = {},
+    }, CLASSES[kind])
+    z.by_name[name] = f
+    z.list[#z.list + 1] = f
+    return f
+end
+
+--- m:counter(name, help, label_names)
+function Zone:counter(name, help, labels, opts)
+    return define(self, KIND_COUNTER, name, help, labels, nil, opts, 2)
+end
+
+--- m:gauge(name, help, label_names, { mode = "set" | "livesum" })
+function Zone:gauge(name, help, labels, opts)
+    return define(self, KIND_GAUGE, name, help, labels, nil, opts, 2)
+end
+
+--- m:histogram(name, help, label_names, buckets)
+function Zone:histogram(name, help, labels, buckets, opts)
+    return define(self, KIND_HISTOGRAM, name, help, labels, buckets, opts, 2)
+end
+
+local function bad(f, kind, msg)
+    C.shmprom_error_count(f.zone.ptr, kind)
+    msg = f.name .. ": " .. msg
+    log_limited(kind, msg)
+    return nil, msg
+end
+
+local function label_string(v)
+    if v == floor(v) and v > -9007199254740992 and v < 9007199254740992 then
+        return str_format("%d", v)
+    end
+    return str_format("%.17g", v)
+end
+
+-- The miss path: validates label values, asks the library for the series
+-- (creating it) and caches the answer.
+local function miss(f, lv)
+    local z = f.zone
+    if z.plane == 0 then
+        try_claim(z)
+    end
+    local n = f.nlabels
+    if n == 0 then
+        if lv ~= nil and (type(lv) ~= "table" or lv[1] ~= nil) then
+            return bad(f, ERR_BAD_LABELS, "takes no label values")
+        end
+    else
+        if type(lv) ~= "table" then
+            return bad(f, ERR_BAD_LABELS, "label values must be a table of "
+                       .. n .. " values, got " .. type(lv))
+        end
+        if lv[n + 1] ~= nil then
+            return bad(f, ERR_BAD_LABELS, "expected " .. n
+                       .. " label values, got more")
+        end
+    end
+    local vals, lens, anchor = f.vals, f.lens, f.anchor
+    for i = 1, n do
+        local v = lv[i]
+        local tv = type(v)
+        local s
+        if tv == "string" then
+            s = v
+        elseif tv == "number" then
+            if v ~= v or v == HUGE or v == -HUGE then
+                return bad(f, ERR_BAD_LABELS, "label value for '"
+                           .. f.label_names[i] .. "' is not a finite number")
+            end
+            s = label_string(v)
+        elseif tv == "nil" then
+            return bad(f, ERR_BAD_LABELS, "expected " .. n
+                       .. " label values, got " .. (i - 1))
+        else
+            return bad(f, ERR_BAD_LABELS, "label value for '"
+                       .. f.label_names[i] .. "' is a " .. tv
+                       .. ", expected a string or number")
+        end
+        anchor[i] = s
+        vals[i - 1] = s
+        lens[i - 1] = #s
+    end
+    local r = C.shmprom_series_get(z.ptr, f.id, n, vals, lens, errbuf,
+                                   ERRLEN)
+    for i = 1, n do
+        anchor[i] = nil
+    end
+    if r < 0 then
+        local msg = f.name .. ": " .. errmsg()
+        log_limited("series", msg)
+        return nil, msg
+    end
+    local idx = tonumber(r)
+    if n == 0 then
+        f.idx0 = idx
+        return idx
+    end
+    if f.ncache >= MAX_CACHE then
+        f.cache = {}
+        f.ncache = 0
+    end
+    local t = f.cache
+    for i = 1, n - 1 do
+        local k = lv[i]
+        local nt = t[k]
+        if nt == nil then
+            nt = {}
+            t[k] = nt
+        end
+        t = nt
+    end
+    t[lv[n]] = idx
+    f.ncache = f.ncache + 1
+    return idx
+end
+
+-- The series index of (f, label values): the per-worker cache, else miss.
+local function series(f, lv)
+    local z = f.zone
+    if z.epoch_ptr[0] ~= z.epoch then
+        refresh(z)
+    end
+    local n = f.nlabels
+    if n == 0 then
+        local i = f.idx0
+        if i and (lv == nil or (type(lv) == "table" and lv[1] == nil)) then
+            return i
+        end
+        return miss(f, lv)
+    end
+    if type(lv) ~= "table" then
+        return miss(f, lv)
+    end
+    local t = f.cache
+    for i = 1, n - 1 do
+        t = t[lv[i]]
+        if t == nil then
+            return miss(f, lv)
+        end
+    end
+    local idx = t[lv[n]]
+    if idx == nil or lv[n + 1] ~= nil then
+        return miss(f, lv)
+    end
+    return idx
+end
+
+-- Adds v to cell idx of this worker's plane (plain store) or, without a
+-- plane, to the shared plane (atomic).
+local function add(z, idx, v)
+    local off = z.off
+    if off > 0 then
+        local c = z.cells
+        local p = off + idx
+        c[p] = c[p] + v
+    else
+        C.shmprom_cell_add(z.ptr, 0, idx, v)
+    end
+end
+
+local function observe(f, idx, v)
+    local b = f.buckets
+    local nb = f.nb
+    local k = nb
+    for i = 1, nb do
+        if v <= b[i] then
+            k = i - 1
+            break
+        end
+    end
+    local z = f.zone
+    local off = z.off
+    if off > 0 then
+        local c = z.cells
+        local p = off + idx
+        c[p + k] = c[p + k] + 1
+        local s = p + nb + 1
+        c[s] = c[s] + v
+    else
+        local zp = z.ptr
+        C.shmprom_cell_add(zp, 0, idx + k, 1)
+        C.shmprom_cell_add(zp, 0, idx + nb + 1, v)
+    end
+end
+
+local function gauge_set(f, idx, v)
+    local z = f.zone
+    if f.mode == MODE_LIVESUM and z.off > 0 then
+        z.cells[z.off + idx] = v
+    else
+        C.shmprom_cell_set(z.ptr, 0, idx, v)
+    end
+end
+
+local function gauge_add(f, idx, v)
+    local z = f.zone
+    if f.mode == MODE_LIVESUM then
+        add(z, idx, v)
+    else
+        C.shmprom_cell_add(z.ptr, 0, idx, v)
+    end
+end
+
+local function check_inc(v)
+    return type(v) == "number" and v >= 0 and v < HUGE
+end
+
+local function check_finite(v)
+    return type(v) == "number" and v > -HUGE and v < HUGE
+end
+
+--- counter:inc(value?, label_values?) -> true | nil, err
+function Counter:inc(v, lv)
+    if v == nil then
+        v = 1
+    elseif not check_inc(v) then
+        return bad(self, ERR_BAD_VALUE, "counter increment must be a "
+                   .. "finite number >= 0, got " .. tostring(v))
+    end
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    add(self.zone, idx, v)
+    return true
+end
+
+--- gauge:set(value, label_values?) -> true | nil, err
+function Gauge:set(v, lv)
+    if type(v) ~= "number" then
+        return bad(self, ERR_BAD_VALUE, "gauge value must be a number, got "
+                   .. type(v))
+    end
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    gauge_set(self, idx, v)
+    return true
+end
+
+--- gauge:inc(value?, label_values?) -> true | nil, err
+function Gauge:inc(v, lv)
+    if v == nil then
+        v = 1
+    elseif not check_finite(v) then
+        return bad(self, ERR_BAD_VALUE, "gauge increment must be a finite "
+                   .. "number, got " .. tostring(v))
+    end
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    gauge_add(self, idx, v)
+    return true
+end
+
+--- gauge:dec(value?, label_values?) -> true | nil, err
+function Gauge:dec(v, lv)
+    if v == nil then
+        v = 1
+    elseif not check_finite(v) then
+        return bad(self, ERR_BAD_VALUE, "gauge decrement must be a finite "
+                   .. "number, got " .. tostring(v))
+    end
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    gauge_add(self, idx, -v)
+    return true
+end
+
+--- histogram:observe(value, label_values?) -> true | nil, err
+function Histogram:observe(v, lv)
+    if not check_finite(v) then
+        return bad(self, ERR_BAD_VALUE, "observation must be a finite "
+                   .. "number, got " .. tostring(v))
+    end
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    observe(self, idx, v)
+    return true
+end
+
+local function values_args(f, lv)
+    local n = f.nlabels
+    if lv == nil then
+        lv = {}
+    end
+    if type(lv) ~= "table" then
+        return nil, "label values must be a table"
+    end
+    if lv[n + 1] ~= nil then
+        return nil, "expected " .. n .. " label values, got more"
+    end
+    local keep = {}
+    for i = 1, n do
+        local v = lv[i]
+        if type(v) == "number" then
+            v = label_string(v)
+        elseif type(v) ~= "string" then
+            return nil, "expected " .. n .. " string or number label values"
+        end
+        keep[i] = v
+        f.vals[i - 1] = v
+        f.lens[i - 1] = #v
+    end
+    return keep
+end
+
+--- family:del(label_values?) -> true | nil, err
+-- Deletes one series; it leaves the output. True also when it did not exist.
+function Family:del(lv)
+    local keep, err = values_args(self, lv)
+    if not keep then
+        return bad(self, ERR_BAD_LABELS, err)
+    end
+    local rc = C.shmprom_series_del(self.zone.ptr, self.id, self.nlabels,
+                                    self.vals, self.lens, errbuf, ERRLEN)
+    keep = nil -- luacheck: ignore
+    if rc < 0 then
+        return nil, self.name .. ": " .. errmsg()
+    end
+    refresh(self.zone)
+    return true
+end
+
+--- family:reset() -> true | nil, err
+-- Deletes every series of the family (an unlabelled one restarts at 0).
+function Family:reset()
+    local rc = C.shmprom_family_reset(self.zone.ptr, self.id, errbuf, ERRLEN)
+    if rc < 0 then
+        return nil, self.name .. ": " .. errmsg()
+    end
+    refresh(self.zone)
+    return true
+end
+
+--- family:value(label_values?, k?) -> number | nil, err
+-- The current value (summed over workers) of a counter or gauge, or of cell
+-- k of a histogram series (0-based: buckets, +Inf, then sum). For tests and
+-- status pages, not for the hot path.
+function Family:value(lv, k)
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    return tonumber(C.shmprom_cell_get(self.zone.ptr, self.id, idx, k or 0))
+end
+
+------------------------------------------------------------------------
+-- Series handles: family:labels(...) resolves the label values once.
+
+local Handle = {}
+Handle.__index = Handle
+
+local function handle_idx(h)
+    local f = h.family
+    local z = f.zone
+    local e = z.epoch_ptr[0]
+    if h.epoch == e then
+        return h.idx
+    end
+    local idx, err = series(f, h.lv)
+    if not idx then
+        return nil, err
+    end
+    h.idx = idx
+    h.epoch = e
+    return idx
+end
+
+--- family:labels(v1, v2, ...) -> handle | nil, err
+function Family:labels(...)
+    local lv = { ... }
+    local idx, err = series(self, lv)
+    if not idx then
+        return nil, err
+    end
+    return setmetatable({ family = self, lv = lv, idx = idx,
+                          epoch = self.zone.epoch }, Handle)
+end
+
+--- handle:inc(value?) (counters, gauges)
+function Handle:inc(v)
+    local f = self.family
+    if v == nil then
+        v = 1
+    end
+    local ok
+    if f.kind == KIND_COUNTER then
+        ok = check_inc(v)
+    else
+        ok = f.kind == KIND_GAUGE and check_finite(v)
+    end
+    if not ok then
+        return bad(f, ERR_BAD_VALUE, "bad increment " .. tostring(v))
+    end
+    local idx, err = handle_idx(self)
+    if not idx then
+        return nil, err
+    end
+    if f.kind == KIND_COUNTER then
+        add(f.zone, idx, v)
+    else
+        gauge_add(f, idx, v)
+    end
+    return true
+end
+
+--- handle:dec(value?) (gauges)
+function Handle:dec(v)
+    local f = self.family
+    if v == nil then
+        v = 1
+    end
+    if f.kind ~= KIND_GAUGE or not check_finite(v) then
+        return bad(f, ERR_BAD_VALUE, "bad decrement " .. tostring(v))
+    end
+    local idx, err = handle_idx(self)
+    if not idx then
+        return nil, err
+    end
+    gauge_add(f, idx, -v)
+    return true
+end
+
+--- handle:set(value) (gauges)
+function Handle:set(v)
+    local f = self.family
+    if f.kind ~= KIND_GAUGE or type(v) ~= "number" then
+        return bad(f, ERR_BAD_VALUE, "bad gauge value " .. tostring(v))
+    end
+    local idx, err = handle_idx(self)
+    if not idx then
+        return nil, err
+    end
+    gauge_set(f, idx, v)
+    return true
+end
+
+--- handle:observe(value) (histograms)
+function Handle:observe(v)
+    local f = self.family
+    if f.kind ~= KIND_HISTOGRAM or not check_finite(v) then
+        return bad(f, ERR_BAD_VALUE, "bad observation " .. tostring(v))
+    end
+    local idx, err = handle_idx(self)
+    if not idx then
+        return nil, err
+    end
+    observe(f, idx, v)
+    return true
+end
+
+------------------------------------------------------------------------
+-- Exposition
+
+--- m:metric_data(format?) -> string | nil, err
+-- format: "text" (Prometheus 0.0.4, default) or "openmetrics".
+function Zone:metric_data(format)
+    local fmt = 0
+    if format == "openmetrics" then
+        fmt = 1
+    elseif format ~= nil and format ~= "text" then
+        error("metric_data: format must be \"text\" or \"openmetrics\"", 2)
+    end
+    local out = ffi_new("uint8_t*[1]")
+    local len = ffi_new("size_t[1]")
+    local rc = C.shmprom_render(self.ptr, fmt, out, len, errbuf, ERRLEN)
+    if rc ~= FFI_OK then
+        C.shmprom_error_count(self.ptr, ERR_INTERNAL)
+        return nil, "render failed: " .. errmsg()
+    end
+    local s = ffi_string(out[0], len[0])
+    C.shmprom_buf_free(out[0], len[0])
+    return s
+end
+
+--- m:collect()
+-- content_by_lua*: prints the exposition with its Content-Type; OpenMetrics
+-- when the Accept header asks for application/openmetrics-text.
+function Zone:collect()
+    local accept = ngx.var.http_accept
+    local om = accept and str_find(accept, "application/openmetrics-text", 1,
+                                   true)
+    local body, err = self:metric_data(om and "openmetrics" or "text")
+    if not body then
+        ngx.status = 500
+        ngx.log(ngx.ERR, "shmprom: ", err)
+        ngx.say(err)
+        return
+    end
+    ngx.header["Content-Type"] = om and CT_OPENMETRICS or CT_TEXT
+    ngx.print(body)
+end
+
+--- m:check() -> summary | nil, err
+-- Runs the zone's consistency check.
+function Zone:check()
+    local rc = C.shmprom_check(self.ptr, errbuf, ERRLEN)
+    if rc ~= FFI_OK then
+        return nil, errmsg()
+    end
+    return errmsg()
+end
+
+_M.CONTENT_TYPE_TEXT = CT_TEXT
+_M.CONTENT_TYPE_OPENMETRICS = CT_OPENMETRICS
+
+return _M

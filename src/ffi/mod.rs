@@ -1,0 +1,595 @@
+//! The `extern "C"` surface and nothing else: null checks, catch_unwind,
+//! return codes, error messages written into the caller's buffer. Every
+//! function here is declared in include/shmprom.h (a test checks both
+//! agree).
+
+use crate::cells::{claim_plane, f64_add, f64_set, sum_cell};
+use crate::expose::{render, Format};
+use crate::registry::{self, Def, DefineError, Kind, SeriesError};
+use crate::series::TableError;
+use crate::zone::{OpenError, Zone};
+use std::ffi::{c_char, c_int};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Bumped whenever a signature or a struct of the C ABI changes.
+pub const SHMPROM_ABI_VERSION: u32 = 1;
+
+pub const SHMPROM_OK: c_int = 0;
+pub const SHMPROM_EINVAL: c_int = -1;
+pub const SHMPROM_EFULL: c_int = -2;
+pub const SHMPROM_ENOENT: c_int = -3;
+pub const SHMPROM_EOS: c_int = -4;
+pub const SHMPROM_EPANIC: c_int = -5;
+pub const SHMPROM_ESTUCK: c_int = -6;
+pub const SHMPROM_ETOOLONG: c_int = -7;
+
+/// Opaque zone handle (the base of the shared mapping).
+#[repr(C)]
+pub struct shmprom_zone {
+    _private: [u8; 0],
+}
+
+/// What LuaJIT needs to update cells without a call.
+#[repr(C)]
+pub struct shmprom_zone_info {
+    /// Cell 0 of plane 0; cell `i` of plane `p` is `cells[p * plane_stride + i]`.
+    pub cells: *mut f64,
+    /// Cells per plane.
+    pub plane_stride: u64,
+    /// Moves whenever series are deleted or families retired.
+    pub epoch: *const u32,
+    /// Planes including the shared plane 0.
+    pub planes: u32,
+    /// [`SHMPROM_ABI_VERSION`] of this library.
+    pub abi: u32,
+}
+
+/// Writes `msg` NUL-terminated into `err` (truncated to `errlen`).
+fn set_err(err: *mut c_char, errlen: usize, msg: &str) {
+    if err.is_null() || errlen == 0 {
+        return;
+    }
+    let n = msg.len().min(errlen - 1);
+    // SAFETY: the caller promises `err` holds `errlen` writable bytes; we
+    // write n + 1 <= errlen of them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(msg.as_ptr(), err as *mut u8, n);
+        *err.add(n) = 0;
+    }
+}
+
+/// Runs `f`, turning a panic into `$panic_rc` with a message.
+macro_rules! guard {
+    ($err:expr, $errlen:expr, $panic_rc:expr, $body:block) => {{
+        match catch_unwind(AssertUnwindSafe(|| $body)) {
+            Ok(r) => r,
+            Err(_) => {
+                set_err($err, $errlen, "internal error (panic) in libshmprom");
+                $panic_rc
+            }
+        }
+    }};
+}
+
+/// Returns `$rc` with a message when `$p` is null.
+macro_rules! nonnull {
+    ($p:expr, $err:expr, $errlen:expr, $rc:expr, $what:expr) => {
+        if $p.is_null() {
+            set_err($err, $errlen, concat!($what, " is NULL"));
+            return $rc;
+        }
+    };
+}
+
+/// Borrows `n` (ptr, len) strings given by C.
+///
+/// # Safety
+/// `ptrs` and `lens` must point at `n` entries each, and each pointer at
+/// `len` readable bytes (any pointer when its len is 0).
+unsafe fn slices<'a>(
+    n: u32,
+    ptrs: *const *const c_char,
+    lens: *const usize,
+) -> Option<Vec<&'a [u8]>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    if ptrs.is_null() || lens.is_null() {
+        return None;
+    }
+    let mut v = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        // SAFETY: i < n entries per the contract.
+        let (p, l) = unsafe { (*ptrs.add(i), *lens.add(i)) };
+        if l == 0 {
+            v.push(&[][..]);
+        } else if p.is_null() {
+            return None;
+        } else {
+            // SAFETY: p points at l readable bytes per the contract.
+            v.push(unsafe { std::slice::from_raw_parts(p as *const u8, l) });
+        }
+    }
+    Some(v)
+}
+
+fn zone(z: *const shmprom_zone) -> Zone {
+    // SAFETY: callers pass a handle from shmprom_zone_open (checked non-null).
+    unsafe { Zone::from_ptr(z as *mut u8) }
+}
+
+/// The ABI version of this library ([`SHMPROM_ABI_VERSION`]).
+#[no_mangle]
+pub extern "C" fn shmprom_abi_version() -> u32 {
+    SHMPROM_ABI_VERSION
+}
+
+/// The crate version as a static NUL-terminated string.
+#[no_mangle]
+pub extern "C" fn shmprom_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// Opens (creating on first use in this process) the zone `name`.
+/// Returns 0, 1 when the zone already existed with another size or plane
+/// count (it is kept as it was), or a negative error code.
+///
+/// # Safety
+/// `name` must hold `name_len` bytes; `path` is NULL or a NUL-terminated
+/// string; `out` is writable; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_zone_open(
+    name: *const c_char,
+    name_len: usize,
+    size: u64,
+    planes: u32,
+    path: *const c_char,
+    out: *mut *mut shmprom_zone,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(name, err, errlen, SHMPROM_EINVAL, "name");
+    nonnull!(out, err, errlen, SHMPROM_EINVAL, "out");
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        // SAFETY: name holds name_len bytes per the contract.
+        let n = unsafe { std::slice::from_raw_parts(name as *const u8, name_len) };
+        let Ok(n) = std::str::from_utf8(n) else {
+            set_err(err, errlen, "zone name is not UTF-8");
+            return SHMPROM_EINVAL;
+        };
+        let p = if path.is_null() {
+            None
+        } else {
+            // SAFETY: a non-null path is NUL-terminated per the contract.
+            match unsafe { std::ffi::CStr::from_ptr(path) }.to_str() {
+                Ok(s) => Some(s),
+                Err(_) => {
+                    set_err(err, errlen, "zone path is not UTF-8");
+                    return SHMPROM_EINVAL;
+                }
+            }
+        };
+        match Zone::open(n, size, planes, p) {
+            Ok((zn, differs)) => {
+                // SAFETY: out is writable per the contract.
+                unsafe { *out = zn.as_ptr() as *mut shmprom_zone };
+                if differs {
+                    set_err(err, errlen, "zone already open with another size or plane count; kept as it was (restart nginx to change it)");
+                    1
+                } else {
+                    SHMPROM_OK
+                }
+            }
+            Err(OpenError::Invalid(m)) => {
+                set_err(err, errlen, &m);
+                SHMPROM_EINVAL
+            }
+            Err(OpenError::Os(m)) => {
+                set_err(err, errlen, &m);
+                SHMPROM_EOS
+            }
+        }
+    })
+}
+
+/// Fills `out` with the pointers LuaJIT updates cells through.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_zone_get_info(
+    z: *const shmprom_zone,
+    out: *mut shmprom_zone_info,
+) -> c_int {
+    if z.is_null() || out.is_null() {
+        return SHMPROM_EINVAL;
+    }
+    guard!(std::ptr::null_mut(), 0, SHMPROM_EPANIC, {
+        let zn = zone(z);
+        let h = zn.header();
+        let info = shmprom_zone_info {
+            cells: zn.cell_ptr(0, 0) as *mut f64,
+            plane_stride: h.cells_cap,
+            epoch: h.epoch.as_ptr() as *const u32,
+            planes: h.planes,
+            abi: SHMPROM_ABI_VERSION,
+        };
+        // SAFETY: out is writable per the contract.
+        unsafe { out.write(info) };
+        SHMPROM_OK
+    })
+}
+
+/// Claims a per-writer plane for process `pid` (see cells::claim_plane).
+/// Returns the plane (>= 1), 0 when none is free (use the shared plane), or
+/// a negative error code.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_plane_claim(z: *mut shmprom_zone, pid: u32) -> c_int {
+    if z.is_null() {
+        return SHMPROM_EINVAL;
+    }
+    guard!(std::ptr::null_mut(), 0, SHMPROM_EPANIC, {
+        claim_plane(&zone(z), pid) as c_int
+    })
+}
+
+fn define_err(e: DefineError, err: *mut c_char, errlen: usize) -> i64 {
+    match e {
+        DefineError::Invalid(m) => {
+            set_err(err, errlen, &m);
+            SHMPROM_EINVAL as i64
+        }
+        DefineError::Full(m) => {
+            set_err(err, errlen, &m);
+            SHMPROM_EFULL as i64
+        }
+    }
+}
+
+/// Defines a metric family (or finds the same one). `kind`: 0 counter,
+/// 1 gauge, 2 histogram; `mode`: 0 set, 1 livesum (gauges). Returns the
+/// family id (>= 0) or a negative error code.
+///
+/// # Safety
+/// Every (pointer, length) pair must describe readable memory; `labels` and
+/// `label_lens` hold `nlabels` entries; `buckets` holds `nbuckets` doubles.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_family_define(
+    z: *mut shmprom_zone,
+    name: *const c_char,
+    name_len: usize,
+    help: *const c_char,
+    help_len: usize,
+    kind: u32,
+    mode: u32,
+    nlabels: u32,
+    labels: *const *const c_char,
+    label_lens: *const usize,
+    nbuckets: u32,
+    buckets: *const f64,
+    err: *mut c_char,
+    errlen: usize,
+) -> i64 {
+    let einval = SHMPROM_EINVAL as i64;
+    nonnull!(z, err, errlen, einval, "zone");
+    nonnull!(name, err, errlen, einval, "name");
+    guard!(err, errlen, SHMPROM_EPANIC as i64, {
+        // SAFETY: name holds name_len bytes per the contract.
+        let n = unsafe { std::slice::from_raw_parts(name as *const u8, name_len) };
+        let help: &[u8] = if help.is_null() || help_len == 0 {
+            b""
+        } else {
+            // SAFETY: help holds help_len bytes per the contract.
+            unsafe { std::slice::from_raw_parts(help as *const u8, help_len) }
+        };
+        // SAFETY: labels/label_lens hold nlabels entries per the contract.
+        let Some(ls) = (unsafe { slices(nlabels, labels, label_lens) }) else {
+            set_err(err, errlen, "label names are NULL");
+            return einval;
+        };
+        let mut lnames = Vec::with_capacity(ls.len());
+        for l in ls {
+            match std::str::from_utf8(l) {
+                Ok(s) => lnames.push(s),
+                Err(_) => {
+                    set_err(err, errlen, "label name is not UTF-8");
+                    return einval;
+                }
+            }
+        }
+        let bs = if nbuckets == 0 {
+            Vec::new()
+        } else if buckets.is_null() {
+            set_err(err, errlen, "buckets is NULL");
+            return einval;
+        } else {
+            // SAFETY: buckets holds nbuckets doubles per the contract.
+            unsafe { std::slice::from_raw_parts(buckets, nbuckets as usize) }.to_vec()
+        };
+        let Ok(n) = std::str::from_utf8(n) else {
+            set_err(err, errlen, "metric name is not UTF-8");
+            return einval;
+        };
+        let Some(kind) = Kind::from_u32(kind) else {
+            set_err(err, errlen, "unknown metric kind");
+            return einval;
+        };
+        let def = Def {
+            name: n,
+            help,
+            kind,
+            mode,
+            labels: lnames,
+            buckets: bs,
+        };
+        match registry::define(&zone(z), &def) {
+            Ok(id) => id as i64,
+            Err(e) => define_err(e, err, errlen),
+        }
+    })
+}
+
+fn series_err(e: SeriesError, err: *mut c_char, errlen: usize) -> i64 {
+    let (rc, msg) = match e {
+        SeriesError::NoFamily => (SHMPROM_ENOENT, "no such family".to_string()),
+        SeriesError::LabelCount { want, got } => (
+            SHMPROM_EINVAL,
+            format!("expected {want} label values, got {got}"),
+        ),
+        SeriesError::Table(TableError::Full) => (
+            SHMPROM_EFULL,
+            "zone full: new series refused (counted in shmprom_series_dropped_total)".into(),
+        ),
+        SeriesError::Table(TableError::Stuck) => (
+            SHMPROM_ESTUCK,
+            "series insert left unfinished by a dead process".into(),
+        ),
+        SeriesError::Table(TableError::KeyTooLong) => (
+            SHMPROM_ETOOLONG,
+            format!(
+                "label values too long (more than {} bytes in all)",
+                crate::series::MAX_KEY_BYTES
+            ),
+        ),
+    };
+    set_err(err, errlen, &msg);
+    rc as i64
+}
+
+/// Finds or creates the series of `family` with these label values.
+/// Returns its first cell index (>= 0) or a negative error code.
+///
+/// # Safety
+/// `values`/`value_lens` hold `nvalues` entries describing readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_series_get(
+    z: *mut shmprom_zone,
+    family: u32,
+    nvalues: u32,
+    values: *const *const c_char,
+    value_lens: *const usize,
+    err: *mut c_char,
+    errlen: usize,
+) -> i64 {
+    let einval = SHMPROM_EINVAL as i64;
+    nonnull!(z, err, errlen, einval, "zone");
+    guard!(err, errlen, SHMPROM_EPANIC as i64, {
+        // SAFETY: per the contract above.
+        let Some(vs) = (unsafe { slices(nvalues, values, value_lens) }) else {
+            set_err(err, errlen, "label values are NULL");
+            return einval;
+        };
+        match registry::series_get(&zone(z), family, &vs) {
+            Ok(c) => c as i64,
+            Err(e) => series_err(e, err, errlen),
+        }
+    })
+}
+
+/// Deletes a series. Returns 1 if it was deleted, 0 if there was none, or a
+/// negative error code.
+///
+/// # Safety
+/// As for shmprom_series_get.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_series_del(
+    z: *mut shmprom_zone,
+    family: u32,
+    nvalues: u32,
+    values: *const *const c_char,
+    value_lens: *const usize,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        // SAFETY: per the contract above.
+        let Some(vs) = (unsafe { slices(nvalues, values, value_lens) }) else {
+            set_err(err, errlen, "label values are NULL");
+            return SHMPROM_EINVAL;
+        };
+        match registry::series_del(&zone(z), family, &vs) {
+            Ok(d) => d as c_int,
+            Err(e) => series_err(e, err, errlen) as c_int,
+        }
+    })
+}
+
+/// Deletes every series of `family` (an unlabelled one restarts at 0).
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_family_reset(
+    z: *mut shmprom_zone,
+    family: u32,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        match registry::family_reset(&zone(z), family) {
+            Ok(()) => SHMPROM_OK,
+            Err(e) => series_err(e, err, errlen) as c_int,
+        }
+    })
+}
+
+fn cell_ok(z: &Zone, plane: u32, cell: u64) -> bool {
+    let h = z.header();
+    plane < h.planes && cell < h.cells_cap
+}
+
+/// Atomically adds `v` to cell `cell` of `plane` (the shared plane 0, or a
+/// plane of a writer that cannot do plain stores). Out-of-range is ignored.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_cell_add(z: *mut shmprom_zone, plane: u32, cell: u64, v: f64) {
+    if z.is_null() {
+        return;
+    }
+    let zn = zone(z);
+    if cell_ok(&zn, plane, cell) {
+        f64_add(zn.cell(plane, cell), v);
+    }
+}
+
+/// Atomically stores `v` into cell `cell` of `plane`.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_cell_set(z: *mut shmprom_zone, plane: u32, cell: u64, v: f64) {
+    if z.is_null() {
+        return;
+    }
+    let zn = zone(z);
+    if cell_ok(&zn, plane, cell) {
+        f64_set(zn.cell(plane, cell), v);
+    }
+}
+
+/// Reads cell `cell + k` of a series of `family` summed over the planes
+/// that count (what /metrics would show for it). NaN on bad arguments.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_cell_get(
+    z: *const shmprom_zone,
+    family: u32,
+    cell: u64,
+    k: u32,
+) -> f64 {
+    if z.is_null() {
+        return f64::NAN;
+    }
+    catch_unwind(|| {
+        let zn = zone(z);
+        let Some(f) = registry::family(&zn, family) else {
+            return f64::NAN;
+        };
+        if k >= f.width || !cell_ok(&zn, 0, cell + k as u64) {
+            return f64::NAN;
+        }
+        let live = crate::cells::live_planes(&zn);
+        sum_cell(&zn, &f, &live, cell + k as u64)
+    })
+    .unwrap_or(f64::NAN)
+}
+
+/// Counts an error of kind `kind` in shmprom_errors_total (0 bad_value,
+/// 1 bad_labels, 2 series_dropped, 3 stuck_insert, 4 internal,
+/// 5 key_too_long).
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_error_count(z: *mut shmprom_zone, kind: u32) {
+    if !z.is_null() {
+        zone(z).count_error(kind as usize);
+    }
+}
+
+/// Renders the zone: `format` 0 = Prometheus text 0.0.4, 1 = OpenMetrics
+/// 1.0. On success `*out`/`*len` hold a buffer to release with
+/// shmprom_buf_free.
+///
+/// # Safety
+/// `out` and `len` are writable; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_render(
+    z: *mut shmprom_zone,
+    format: u32,
+    out: *mut *mut u8,
+    len: *mut usize,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
+    nonnull!(out, err, errlen, SHMPROM_EINVAL, "out");
+    nonnull!(len, err, errlen, SHMPROM_EINVAL, "len");
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        let fmt = match format {
+            0 => Format::Text,
+            1 => Format::OpenMetrics,
+            _ => {
+                set_err(err, errlen, "unknown format");
+                return SHMPROM_EINVAL;
+            }
+        };
+        let buf = render(&zone(z), fmt).into_boxed_slice();
+        let n = buf.len();
+        let p = Box::into_raw(buf) as *mut u8;
+        // SAFETY: out and len are writable per the contract.
+        unsafe {
+            *out = p;
+            *len = n;
+        }
+        SHMPROM_OK
+    })
+}
+
+/// Releases a buffer from shmprom_render.
+///
+/// # Safety
+/// `buf`/`len` must come from one shmprom_render call, released once.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_buf_free(buf: *mut u8, len: usize) {
+    if buf.is_null() {
+        return;
+    }
+    // SAFETY: buf/len are a Box<[u8]> leaked by shmprom_render.
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf, len)) });
+}
+
+/// Checks the zone's internal consistency. Returns 0, or SHMPROM_EINVAL
+/// with what is wrong in `err`.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_check(
+    z: *mut shmprom_zone,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        match crate::check::check(&zone(z)) {
+            Ok(summary) => {
+                set_err(err, errlen, &summary);
+                SHMPROM_OK
+            }
+            Err(m) => {
+                set_err(err, errlen, &m);
+                SHMPROM_EINVAL
+            }
+        }
+    })
+}

@@ -1,0 +1,26 @@
+//! shmprom: Prometheus metrics for every nginx worker in one lock-free
+//! shared-memory zone.
+//!
+//! The library is loaded by LuaJIT FFI (`lua/resty/shmprom.lua`) in the
+//! nginx master from `init_by_lua*`, which opens the zone as an anonymous
+//! shared mapping that every worker inherits. Workers update cells directly
+//! (their own plane, plain stores) or through [`ffi`] calls (atomic adds on
+//! the shared plane); `/metrics` is rendered here by [`expose`].
+//!
+//! Module map:
+//! - [`zone`]: the mapping, its header and layout, the per-process zone table
+//! - [`registry`]: metric families and label-key encoding
+//! - [`series`]: the lock-free label-set table
+//! - [`cells`]: planes and f64 cells
+//! - [`expose`]: Prometheus text 0.0.4 and OpenMetrics 1.0
+//! - [`check`]: consistency check of a zone
+//! - [`ffi`]: the C ABI (include/shmprom.h)
+
+pub mod cells;
+pub mod check;
+pub mod expose;
+pub mod ffi;
+pub mod registry;
+pub mod series;
+mod sync;
+pub mod zone;

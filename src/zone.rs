@@ -1,0 +1,504 @@
+//! The shared mapping: header, layout, planes, and the zone table that keeps
+//! each named zone alive for the whole life of the process (the nginx master
+//! keeps it across reloads, workers inherit it at fork).
+
+use crate::registry::FamilyRec;
+use crate::series::{Arena, Slot, Table};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// "SHMPROM1" little-endian.
+pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
+/// Bumped whenever the in-zone layout changes.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Error kinds counted in the header (index = kind code from the ABI).
+pub const ERROR_KINDS: [&str; 6] = [
+    "bad_value",
+    "bad_labels",
+    "series_dropped",
+    "stuck_insert",
+    "internal",
+    "key_too_long",
+];
+/// Largest number of planes a zone can have (plane 0 is the shared one).
+pub const MAX_PLANES: u32 = 256;
+/// Smallest zone accepted.
+pub const MIN_SIZE: u64 = 256 * 1024;
+
+/// One per-writer plane's owner record, alone on its cache line.
+#[repr(C, align(64))]
+pub struct PlaneRec {
+    /// Owner pid; 0 when never claimed.
+    pub pid: AtomicU32,
+    _pad: u32,
+    /// Owner's start time (clock ticks since boot) to tell pid reuse apart.
+    pub start: AtomicU64,
+    /// How many times the plane was claimed (first claims and adoptions).
+    pub claims: AtomicU64,
+}
+
+/// The zone header at offset 0 of the mapping.
+#[repr(C)]
+pub struct Header {
+    pub magic: u64,
+    pub layout_version: u32,
+    pub planes: u32,
+    pub size: u64,
+    pub families_off: u64,
+    pub families_cap: u64,
+    pub planes_off: u64,
+    pub slots_off: u64,
+    pub slots_cap: u64,
+    pub keys_off: u64,
+    pub keys_cap: u64,
+    pub cells_off: u64,
+    pub cells_cap: u64,
+    /// Bumped on every delete, reset or family retirement: workers drop
+    /// their label caches when it moves. Read by Lua through a pointer.
+    pub epoch: AtomicU32,
+    _pad0: u32,
+    pub keys_used: AtomicU64,
+    pub cells_used: AtomicU64,
+    pub slots_used: AtomicU64,
+    pub families_used: AtomicU64,
+    pub render_ns: AtomicU64,
+    pub render_bytes: AtomicU64,
+    pub errors: [AtomicU64; 8],
+    /// Guards family definition only (never the update path).
+    pub define_lock: libc::pthread_mutex_t,
+}
+
+/// A zone opened in this process: the base of the mapping and its length.
+#[derive(Clone, Copy)]
+pub struct Zone {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics or
+// through regions handed out by atomic allocation; the pointer is valid for
+// the life of the process (zones are never unmapped).
+unsafe impl Send for Zone {}
+// SAFETY: as above.
+unsafe impl Sync for Zone {}
+
+struct Opened {
+    name: String,
+    zone: Zone,
+}
+
+static ZONES: Mutex<Vec<Opened>> = Mutex::new(Vec::new());
+
+/// Errors from opening a zone.
+#[derive(Debug)]
+pub enum OpenError {
+    Invalid(String),
+    Os(String),
+}
+
+/// Parses "32m", "512k", "1g" or a plain byte count.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    (x + a - 1) & !(a - 1)
+}
+
+/// Where each region goes for a zone of `size` bytes and `planes` planes.
+pub struct Layout {
+    pub families_off: u64,
+    pub families_cap: u64,
+    pub planes_off: u64,
+    pub slots_off: u64,
+    pub slots_cap: u64,
+    pub keys_off: u64,
+    pub keys_cap: u64,
+    pub cells_off: u64,
+    pub cells_cap: u64,
+}
+
+impl Layout {
+    /// Splits the zone: fixed header, family records and plane records, then
+    /// the rest shared out so that a typical series (short labels, a counter)
+    /// fills slots, keys and cells at about the same rate.
+    pub fn compute(size: u64, planes: u32) -> Result<Layout, String> {
+        if size < MIN_SIZE {
+            return Err(format!("zone size {size} is below the minimum {MIN_SIZE}"));
+        }
+        if planes == 0 || planes > MAX_PLANES {
+            return Err(format!("planes must be 1..{MAX_PLANES}, got {planes}"));
+        }
+        let hdr = align_up(std::mem::size_of::<Header>() as u64, 64);
+        let families_cap = (size / (64 * 1024)).clamp(64, 4096);
+        let families_off = hdr;
+        let planes_off = align_up(
+            families_off + families_cap * std::mem::size_of::<FamilyRec>() as u64,
+            64,
+        );
+        let slots_off = align_up(planes_off + planes as u64 * 64, 64);
+        let rest = size - slots_off;
+        // Per series budget: 16 B / 0.875 of slot, ~32 B of key (family
+        // strings included), 8 B x planes x ~1.5 cells (histograms need more).
+        let per_series = 19 + 32 + 12 * planes as u64;
+        let want = rest / per_series;
+        let mut slots_cap = 1u64;
+        while slots_cap * 7 / 8 < want {
+            slots_cap <<= 1;
+        }
+        // the largest power of two that fits its share
+        while slots_cap * 16 > rest * 19 / per_series && slots_cap > 16 {
+            slots_cap >>= 1;
+        }
+        let keys_off = align_up(slots_off + slots_cap * 16, 64);
+        let after_slots = size - keys_off;
+        let keys_cap = (after_slots * 32 / (32 + 12 * planes as u64)).min(u32::MAX as u64);
+        let cells_off = align_up(keys_off + keys_cap, 64);
+        let cells_cap = (size - cells_off) / (8 * planes as u64);
+        if cells_cap < 16 || slots_cap < 16 {
+            return Err(format!("zone size {size} is too small for {planes} planes"));
+        }
+        Ok(Layout {
+            families_off,
+            families_cap,
+            planes_off,
+            slots_off,
+            slots_cap,
+            keys_off,
+            keys_cap,
+            cells_off,
+            cells_cap,
+        })
+    }
+}
+
+fn os_err(what: &str) -> OpenError {
+    OpenError::Os(format!("{what}: {}", std::io::Error::last_os_error()))
+}
+
+impl Zone {
+    /// Opens the zone called `name` in this process, creating it on first
+    /// use. An anonymous shared mapping unless `path` names a file (in
+    /// /dev/shm, say) whose values then survive restarts. Returns the zone
+    /// and whether it existed already with another size or plane count.
+    pub fn open(
+        name: &str,
+        size: u64,
+        planes: u32,
+        path: Option<&str>,
+    ) -> Result<(Zone, bool), OpenError> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(OpenError::Invalid("zone name must be 1..255 bytes".into()));
+        }
+        let mut zones = ZONES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = zones.iter().find(|o| o.name == name) {
+            let h = o.zone.header();
+            let differs = h.size != size || h.planes != planes;
+            return Ok((o.zone, differs));
+        }
+        let layout = Layout::compute(size, planes).map_err(OpenError::Invalid)?;
+        let zone = match path {
+            None => Self::map_anon(size)?,
+            Some(p) => Self::map_file(p, size)?,
+        };
+        let h = zone.header();
+        if h.magic == MAGIC {
+            if h.layout_version != LAYOUT_VERSION || h.size != size || h.planes != planes {
+                return Err(OpenError::Invalid(format!(
+                    "zone file {} was made with another layout (version {}, size {}, planes {}); remove it or use the same settings",
+                    path.unwrap_or("?"),
+                    h.layout_version,
+                    h.size,
+                    h.planes
+                )));
+            }
+        } else {
+            zone.init(size, planes, &layout)?;
+        }
+        pin_library();
+        zones.push(Opened {
+            name: name.to_string(),
+            zone,
+        });
+        Ok((zone, false))
+    }
+
+    fn map_anon(size: u64) -> Result<Zone, OpenError> {
+        // SAFETY: a fresh anonymous shared mapping; no existing memory is
+        // affected. MAP_SHARED makes it shared with children forked later.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        Ok(Zone {
+            base: p as *mut u8,
+            len: size as usize,
+        })
+    }
+
+    fn map_file(path: &str, size: u64) -> Result<Zone, OpenError> {
+        let c = std::ffi::CString::new(path)
+            .map_err(|_| OpenError::Invalid("zone path contains a NUL byte".into()))?;
+        // SAFETY: c is a valid NUL-terminated path; flags and mode are plain
+        // integers.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return Err(os_err(&format!("open {path}")));
+        }
+        // SAFETY: fd is an open file descriptor we own; st is written by fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            let e = os_err("fstat");
+            // SAFETY: fd is ours to close.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        // SAFETY: fd is ours; growing (or keeping) the file to `size`.
+        if st.st_size as u64 != size && unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
+            let e = os_err("ftruncate");
+            // SAFETY: fd is ours to close.
+            unsafe { libc::close(fd) };
+            return Err(e);
+        }
+        // SAFETY: maps the whole file, which is `size` bytes long now.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        // SAFETY: the mapping keeps the file referenced; the fd is ours.
+        unsafe { libc::close(fd) };
+        if p == libc::MAP_FAILED {
+            return Err(os_err("mmap"));
+        }
+        Ok(Zone {
+            base: p as *mut u8,
+            len: size as usize,
+        })
+    }
+
+    fn init(&self, size: u64, planes: u32, l: &Layout) -> Result<(), OpenError> {
+        let h = self.base as *mut Header;
+        // SAFETY: the mapping is at least MIN_SIZE bytes, larger than the
+        // header, page-aligned, and not yet visible to any other process
+        // (children fork later; a file zone with a bad magic is ours to set).
+        unsafe {
+            (*h).layout_version = LAYOUT_VERSION;
+            (*h).planes = planes;
+            (*h).size = size;
+            (*h).families_off = l.families_off;
+            (*h).families_cap = l.families_cap;
+            (*h).planes_off = l.planes_off;
+            (*h).slots_off = l.slots_off;
+            (*h).slots_cap = l.slots_cap;
+            (*h).keys_off = l.keys_off;
+            (*h).keys_cap = l.keys_cap;
+            (*h).cells_off = l.cells_off;
+            (*h).cells_cap = l.cells_cap;
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            libc::pthread_mutexattr_init(&mut attr);
+            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+            let rc = libc::pthread_mutex_init(&mut (*h).define_lock, &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+            if rc != 0 {
+                return Err(OpenError::Os(format!("pthread_mutex_init: error {rc}")));
+            }
+            std::sync::atomic::fence(Ordering::Release);
+            (*h).magic = MAGIC;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds a zone handle from the base pointer given out by [`Zone::as_ptr`].
+    ///
+    /// # Safety
+    /// `p` must be the base of a zone opened in this process (or inherited
+    /// from the process that opened it).
+    pub unsafe fn from_ptr(p: *mut u8) -> Zone {
+        // SAFETY: per the contract the header is initialised and mapped.
+        let len = unsafe { (*(p as *const Header)).size } as usize;
+        Zone { base: p, len }
+    }
+
+    /// Base of the mapping (the handle given to C and Lua).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// The zone header.
+    pub fn header(&self) -> &Header {
+        // SAFETY: base is a live mapping of `len` >= MIN_SIZE bytes with an
+        // initialised header at offset 0, page-aligned.
+        unsafe { &*(self.base as *const Header) }
+    }
+
+    fn region<T>(&self, off: u64, n: u64) -> &[T] {
+        debug_assert!(off as usize + n as usize * std::mem::size_of::<T>() <= self.len);
+        // SAFETY: the layout places `n` records of T at `off`, inside the
+        // mapping, aligned to 64; T is made of atomics (or plain data only
+        // written before the zone is shared), zero being a valid value.
+        unsafe { std::slice::from_raw_parts(self.base.add(off as usize) as *const T, n as usize) }
+    }
+
+    /// Plane owner records.
+    pub fn planes(&self) -> &[PlaneRec] {
+        let h = self.header();
+        self.region(h.planes_off, h.planes as u64)
+    }
+
+    /// Family records.
+    pub fn families(&self) -> &[FamilyRec] {
+        let h = self.header();
+        self.region(h.families_off, h.families_cap)
+    }
+
+    /// The label-set table.
+    pub fn table(&self) -> Table<'_> {
+        let h = self.header();
+        Table {
+            slots: self.region::<Slot>(h.slots_off, h.slots_cap),
+            keys: Arena {
+                // SAFETY: keys_off is inside the mapping per the layout.
+                base: unsafe { self.base.add(h.keys_off as usize) },
+                cap: h.keys_cap,
+                used: &h.keys_used,
+            },
+            cells_used: &h.cells_used,
+            cells_cap: h.cells_cap,
+            slots_used: &h.slots_used,
+        }
+    }
+
+    /// Pointer to cell `idx` of `plane`.
+    pub fn cell_ptr(&self, plane: u32, idx: u64) -> *mut u64 {
+        let h = self.header();
+        debug_assert!(plane < h.planes && idx < h.cells_cap);
+        // SAFETY: plane < planes and idx < cells_cap keep the result inside
+        // the cell region (planes x cells_cap x 8 bytes from cells_off).
+        unsafe {
+            self.base
+                .add((h.cells_off + (plane as u64 * h.cells_cap + idx) * 8) as usize)
+                as *mut u64
+        }
+    }
+
+    /// Cell `idx` of `plane` as an atomic.
+    pub fn cell(&self, plane: u32, idx: u64) -> &AtomicU64 {
+        // SAFETY: cell_ptr is in bounds and 8-aligned; AtomicU64 has the
+        // layout of u64; concurrent plain stores by a plane's owner are
+        // aligned 8-byte stores, which readers see whole.
+        unsafe { &*(self.cell_ptr(plane, idx) as *const AtomicU64) }
+    }
+
+    /// Bytes of the zone in use: fixed regions plus what the arenas handed out.
+    pub fn bytes_used(&self) -> u64 {
+        let h = self.header();
+        h.keys_off
+            + h.keys_used.load(Ordering::Relaxed).min(h.keys_cap)
+            + h.cells_used.load(Ordering::Relaxed).min(h.cells_cap) * 8 * h.planes as u64
+    }
+
+    /// Counts an error of kind `k` (index into [`ERROR_KINDS`]).
+    pub fn count_error(&self, k: usize) {
+        if let Some(c) = self.header().errors.get(k) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Invalidates every worker's label cache.
+    pub fn bump_epoch(&self) {
+        self.header().epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Runs `f` holding the definition lock (robust: a holder that died is
+    /// taken over).
+    pub fn with_define_lock<R>(&self, f: impl FnOnce() -> R) -> R {
+        let m = &self.header().define_lock as *const _ as *mut libc::pthread_mutex_t;
+        // SAFETY: the mutex was initialised process-shared and robust in init.
+        let rc = unsafe { libc::pthread_mutex_lock(m) };
+        if rc == libc::EOWNERDEAD {
+            // SAFETY: we hold the mutex; its previous owner died. Definitions
+            // are written so that a half-done one is harmless.
+            unsafe { libc::pthread_mutex_consistent(m) };
+        }
+        let r = f();
+        // SAFETY: we hold the mutex (rc was 0 or EOWNERDEAD).
+        unsafe { libc::pthread_mutex_unlock(m) };
+        r
+    }
+}
+
+/// Keeps this library loaded for the life of the process: LuaJIT unloads a
+/// library when its clib object is collected, which would lose the zone table
+/// across a reload.
+fn pin_library() {
+    let mut info: libc::Dl_info = unsafe {
+        // SAFETY: Dl_info is plain data; zero is a valid initial value.
+        std::mem::zeroed()
+    };
+    // SAFETY: dladdr only reads the address of one of our own functions.
+    let ok = unsafe { libc::dladdr(pin_library as *const libc::c_void, &mut info) };
+    if ok != 0 && !info.dli_fname.is_null() {
+        // SAFETY: dli_fname is a valid C string from the loader; RTLD_NOLOAD
+        // only takes a reference on an already-loaded object.
+        unsafe {
+            libc::dlopen(
+                info.dli_fname,
+                libc::RTLD_NOW | libc::RTLD_NODELETE | libc::RTLD_NOLOAD,
+            )
+        };
+    }
+}
+
+/// The start time of process `pid` in clock ticks since boot, from /proc.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command may contain spaces and parentheses: fields start after the last ')'
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether plane owner (pid, start) is still running.
+pub fn owner_alive(pid: u32, start: u64) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return false;
+    }
+    match proc_start_time(pid) {
+        Some(s) => s == start,
+        None => r == 0,
+    }
+}
