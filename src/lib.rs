@@ -16,11 +16,20 @@
 //! - [`check`]: consistency check of a zone
 //! - [`ffi`]: the C ABI (include/shmprom.h)
 
+// Under `--cfg loom` only the lock-free table and its atomics are built:
+// loom's atomics model threads in one process and cannot live in a shared
+// mapping, so the zone and everything above it stay out of the model.
+#[cfg(not(loom))]
 pub mod cells;
+#[cfg(not(loom))]
 pub mod check;
+#[cfg(not(loom))]
 pub mod expose;
+#[cfg(not(loom))]
 pub mod ffi;
+#[cfg(not(loom))]
 pub mod registry;
 pub mod series;
 mod sync;
+#[cfg(not(loom))]
 pub mod zone;

@@ -549,12 +549,12 @@ mod loom_tests {
     #[test]
     fn colliding_keys_race() {
         loom::model(|| {
-            let m = mem(4);
-            // find two keys with the same home slot in a 4-slot table
+            let m = mem(8);
+            // find two keys with the same home slot in an 8-slot table
             let mut keys = vec![];
             let mut k = 0u32;
             while keys.len() < 2 {
-                if hash_key(1, &k.to_le_bytes()) & 3 == 0 {
+                if hash_key(1, &k.to_le_bytes()) & 7 == 0 {
                     keys.push(k.to_le_bytes());
                 }
                 k += 1;

@@ -193,6 +193,14 @@ local function try_claim(z)
     if p and p > 0 then
         z.plane = p
         z.off = p * z.stride
+        -- Move what this worker put on the shared plane for livesum gauges
+        -- to its own plane, so it drops out with this worker.
+        local cells, off = z.cells, z.off
+        for idx, net in pairs(z.live_shared) do
+            C.shmprom_cell_add(z.ptr, 0, idx, -net)
+            cells[off + idx] = cells[off + idx] + net
+        end
+        z.live_shared = {}
     end
 end
 
@@ -213,8 +221,10 @@ function _M.new(opts)
         error("shmprom.new: 'size' must be a number of bytes or a string "
               .. "such as \"32m\", got " .. tostring(opts.size), 2)
     end
+    -- One plane per worker, twice over: during a reload the old workers
+    -- keep theirs while the new ones start.
     local workers = ngx and ngx.worker.count() or 1
-    local planes = opts.planes or (workers + 1)
+    local planes = opts.planes or (2 * workers)
     if type(planes) ~= "number" or planes < 0 or planes ~= floor(planes) then
         error("shmprom.new: 'planes' must be a whole number", 2)
     end
@@ -253,6 +263,7 @@ function _M.new(opts)
         claim_at = 0,
         list = {},
         by_name = {},
+        live_shared = {},
         lib = lib_path,
     }, Zone)
     zones[name] = z
@@ -426,17 +437,23 @@ end
 
 --- m:counter(name, help, label_names)
 function Zone:counter(name, help, labels, opts)
-    return define(self, KIND_COUNTER, name, help, labels, nil, opts, 2)
+    -- not a tail call: error levels count this frame
+    local f = define(self, KIND_COUNTER, name, help, labels, nil, opts, 2)
+    return f
 end
 
 --- m:gauge(name, help, label_names, { mode = "set" | "livesum" })
 function Zone:gauge(name, help, labels, opts)
-    return define(self, KIND_GAUGE, name, help, labels, nil, opts, 2)
+    -- not a tail call: error levels count this frame
+    local f = define(self, KIND_GAUGE, name, help, labels, nil, opts, 2)
+    return f
 end
 
 --- m:histogram(name, help, label_names, buckets)
 function Zone:histogram(name, help, labels, buckets, opts)
-    return define(self, KIND_HISTOGRAM, name, help, labels, buckets, opts, 2)
+    -- not a tail call: error levels count this frame
+    local f = define(self, KIND_HISTOGRAM, name, help, labels, buckets, opts, 2)
+    return f
 end
 
 local function bad(f, kind, msg)
@@ -603,21 +620,35 @@ local function observe(f, idx, v)
     end
 end
 
+-- A livesum gauge written by a worker without a plane of its own: its net
+-- share on the shared plane is remembered, to move to its plane later.
+local function live_shared_add(z, idx, v)
+    local sh = z.live_shared
+    sh[idx] = (sh[idx] or 0) + v
+    C.shmprom_cell_add(z.ptr, 0, idx, v)
+end
+
 local function gauge_set(f, idx, v)
     local z = f.zone
-    if f.mode == MODE_LIVESUM and z.off > 0 then
+    if f.mode ~= MODE_LIVESUM then
+        C.shmprom_cell_set(z.ptr, 0, idx, v)
+    elseif z.off > 0 then
         z.cells[z.off + idx] = v
     else
-        C.shmprom_cell_set(z.ptr, 0, idx, v)
+        live_shared_add(z, idx, v - (z.live_shared[idx] or 0))
     end
 end
 
 local function gauge_add(f, idx, v)
     local z = f.zone
-    if f.mode == MODE_LIVESUM then
-        add(z, idx, v)
-    else
+    if f.mode ~= MODE_LIVESUM then
         C.shmprom_cell_add(z.ptr, 0, idx, v)
+    elseif z.off > 0 then
+        local c = z.cells
+        local p = z.off + idx
+        c[p] = c[p] + v
+    else
+        live_shared_add(z, idx, v)
     end
 end
 

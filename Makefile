@@ -1,0 +1,49 @@
+# shmprom: one command per task.
+SHELL := /bin/bash
+LIB := target/release/libshmprom.so
+
+.PHONY: all run test build deps test-rust test-loom test-nginx bench fmt lint cdefs clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: $(LIB)
+
+$(LIB): Cargo.toml $(wildcard src/*.rs src/*/*.rs)
+	cargo build --release
+
+# Builds, then runs the file-system gateway on its embedded default
+# (gateway 127.0.0.1:8080, metrics 127.0.0.1:9145, storage nodes 8081-8083).
+run: deps build
+	scripts/run-gateway.sh
+
+# Builds, then passes every test: Rust unit/integration/model tests, the
+# in-process Lua tests, and the nginx tests in t/.
+test: deps build test-rust test-loom test-nginx
+
+test-rust: build
+	cargo test --release
+
+test-loom:
+	RUSTFLAGS="--cfg loom" cargo test --release --lib --target-dir target/loom loom_tests
+
+test-nginx: build
+	prove -r t/
+
+bench: deps build
+	bench/run-all.sh
+
+fmt:
+	cargo fmt
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets --release -- -D warnings
+
+cdefs:
+	python3 scripts/gen_cdefs.py
+
+clean:
+	cargo clean

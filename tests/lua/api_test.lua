@@ -1,0 +1,129 @@
+-- The wrapper's API against the real library (no nginx): definitions,
+-- updates, handles, del/reset, exposition. Returns a summary string.
+local shmprom = require "resty.shmprom"
+
+local m = shmprom.new{ zone = "lua-api", size = "4m" }
+assert(shmprom.new{ zone = "lua-api" } == m, "same zone object per VM")
+
+local reqs = m:counter("http_requests_total", "HTTP requests", {"host", "status"})
+local lat = m:histogram("http_request_duration_seconds", "Request latency",
+                        {"host"}, {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5})
+local inflight = m:gauge("http_requests_in_flight", "In flight", nil,
+                         { mode = "livesum" })
+local temp = m:gauge("temperature_celsius", "Temperature", {"room"})
+local plain = m:counter("plain_total", "No labels")
+local dflt = m:histogram("default_buckets_seconds", "Default buckets")
+
+-- idempotent definition returns the same object
+assert(m:counter("http_requests_total", "HTTP requests", {"host", "status"}) == reqs)
+
+for i = 1, 1000 do
+    assert(reqs:inc(1, {"example.org", 200}))
+    assert(reqs:inc(2, {"example.org", "404"}))
+    assert(lat:observe(i / 1000, {"example.org"}))
+end
+assert(reqs:value({"example.org", "200"}) == 1000)
+assert(reqs:value({"example.org", 404}) == 2000, "number and string label values are one series")
+assert(inflight:inc())
+assert(inflight:inc(2))
+assert(inflight:dec())
+assert(inflight:value() == 2)
+assert(temp:set(21.5, {"lab"}))
+assert(temp:inc(1, {"lab"}))
+assert(temp:dec(0.5, {"lab"}))
+assert(temp:value({"lab"}) == 22)
+assert(temp:set(-1/0, {"cold"}))
+assert(plain:inc())
+assert(dflt:observe(0.3))
+
+-- handles
+local h = reqs:labels("example.org", "500")
+for _ = 1, 10 do assert(h:inc()) end
+assert(reqs:value({"example.org", "500"}) == 10)
+local hl = lat:labels("other.org")
+assert(hl:observe(0.007))
+local hg = temp:labels("hall")
+assert(hg:set(3))
+
+local text = assert(m:metric_data())
+local function has(line)
+    if not text:find(line, 1, true) then
+        error("missing line: " .. line .. "\n" .. text, 2)
+    end
+end
+has('# HELP http_requests_total HTTP requests\n# TYPE http_requests_total counter\n')
+has('http_requests_total{host="example.org",status="200"} 1000\n')
+has('http_requests_total{host="example.org",status="404"} 2000\n')
+has('http_requests_total{host="example.org",status="500"} 10\n')
+has('http_request_duration_seconds_bucket{host="example.org",le="0.005"} 5\n')
+has('http_request_duration_seconds_bucket{host="example.org",le="0.01"} 10\n')
+has('http_request_duration_seconds_bucket{host="example.org",le="1"} 1000\n')
+has('http_request_duration_seconds_bucket{host="example.org",le="+Inf"} 1000\n')
+has('http_request_duration_seconds_count{host="example.org"} 1000\n')
+has('http_request_duration_seconds_sum{host="example.org"} 500.5')
+has('http_request_duration_seconds_bucket{host="other.org",le="0.005"} 0\n')
+has('http_request_duration_seconds_bucket{host="other.org",le="0.01"} 1\n')
+has('http_requests_in_flight 2\n')
+has('temperature_celsius{room="lab"} 22\n')
+has('temperature_celsius{room="cold"} -Inf\n')
+has('temperature_celsius{room="hall"} 3\n')
+has('plain_total 1\n')
+has('default_buckets_seconds_bucket{le="0.25"} 0\n')
+has('default_buckets_seconds_bucket{le="0.5"} 1\n')
+has('default_buckets_seconds_bucket{le="10"} 1\n')
+has('shmprom_series{family="http_requests_total"} 3\n')
+
+-- families sorted by name
+local last = ""
+for name in text:gmatch("# TYPE ([%w_:]+)") do
+    assert(name > last, "families out of order: " .. last .. " then " .. name)
+    last = name
+end
+
+-- unlabelled metrics exported at 0 from definition
+local fresh = m:counter("fresh_total", "Never touched")
+local fresh_g = m:gauge("fresh_gauge", "Never touched")
+local fresh_h = m:histogram("fresh_seconds", "Never touched", nil, {1})
+text = assert(m:metric_data())
+has('fresh_total 0\n')
+has('fresh_gauge 0\n')
+has('fresh_seconds_bucket{le="1"} 0\n')
+has('fresh_seconds_bucket{le="+Inf"} 0\n')
+has('fresh_seconds_count 0\n')
+assert(fresh and fresh_g and fresh_h)
+
+-- OpenMetrics
+local om = assert(m:metric_data("openmetrics"))
+assert(om:find('# TYPE http_requests counter\n', 1, true), om)
+assert(om:find('http_requests_total{host="example.org",status="200"} 1000\n', 1, true))
+assert(om:find('# TYPE plain counter\n', 1, true))
+assert(om:find('\n# EOF\n$'), "ends with # EOF")
+
+-- del and reset
+assert(reqs:del({"example.org", "404"}))
+text = assert(m:metric_data())
+assert(not text:find('status="404"', 1, true), "deleted series left the output")
+assert(reqs:inc(1, {"example.org", "404"}))
+assert(reqs:value({"example.org", "404"}) == 1, "a deleted series comes back from 0")
+assert(h:inc(), "a handle survives a delete of another series")
+assert(reqs:value({"example.org", "500"}) == 11)
+assert(reqs:reset())
+text = assert(m:metric_data())
+assert(not text:find('http_requests_total{', 1, true), "reset removed every series")
+assert(h:inc(), "a handle resolves again after a reset")
+assert(reqs:value({"example.org", "500"}) == 1)
+assert(plain:reset())
+text = assert(m:metric_data())
+has('plain_total 0\n')
+
+-- escaping
+local esc = m:counter("escape_total", "Help with \\ and\nnewline", {"v"})
+assert(esc:inc(1, {'a"b\\c\nd'}))
+assert(esc:inc(1, {"bad\255utf8"}))
+text = assert(m:metric_data())
+has('# HELP escape_total Help with \\\\ and\\nnewline\n')
+has('escape_total{v="a\\"b\\\\c\\nd"} 1\n')
+has('escape_total{v="bad\239\191\189utf8"} 1\n')
+
+assert(m:check())
+return "ok"
