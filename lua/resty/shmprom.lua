@@ -38,6 +38,9 @@ local MAX_CACHE = 65536
 -- Seconds between two error-log lines of the same kind, per worker.
 local LOG_INTERVAL = 1
 
+-- Longest a scrape waits for its render, in seconds.
+local RENDER_TIMEOUT = 60
+
 local CT_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 local CT_OPENMETRICS =
     "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -231,6 +234,11 @@ function _M.new(opts)
     if opts.path ~= nil and type(opts.path) ~= "string" then
         error("shmprom.new: 'path' must be a string", 2)
     end
+    local render_cache = opts.render_cache or 0
+    if type(render_cache) ~= "number" or render_cache < 0 then
+        error("shmprom.new: 'render_cache' must be a number of seconds >= 0",
+              2)
+    end
     load_lib(opts.lib, 2)
     local existing = zones[name]
     if existing then
@@ -264,6 +272,8 @@ function _M.new(opts)
         list = {},
         by_name = {},
         live_shared = {},
+        render_cache = render_cache,
+        render_thread = opts.render_thread ~= false,
         lib = lib_path,
     }, Zone)
     zones[name] = z
@@ -931,14 +941,56 @@ function Zone:metric_data(format)
     return s
 end
 
---- m:collect()
+-- Renders on a thread of the library while this request sleeps, so the
+-- worker keeps serving; scrapers share a render started within max_age.
+local function render_async(z, fmt, max_age)
+    local out = ffi_new("const uint8_t*[1]")
+    local len = ffi_new("size_t[1]")
+    local handle = ffi_new("const void*[1]")
+    local wait = 0.001
+    -- a render that started after this scrape arrived, or within max_age
+    -- before, will do
+    local not_before = C.shmprom_clock_ns() - floor(max_age * 1e9)
+    ngx.update_time()
+    local deadline = ngx.now() + RENDER_TIMEOUT
+    while true do
+        local rc = C.shmprom_render_poll(z.ptr, fmt, not_before, out, len,
+                                         handle, errbuf, ERRLEN)
+        if rc == 1 then
+            local s = ffi_string(out[0], len[0])
+            C.shmprom_render_release(handle[0])
+            return s
+        elseif rc ~= 0 then
+            C.shmprom_error_count(z.ptr, ERR_INTERNAL)
+            return nil, "render failed: " .. errmsg()
+        end
+        ngx.update_time()
+        if ngx.now() > deadline then
+            return nil, "render timed out"
+        end
+        ngx.sleep(wait)
+        if wait < 0.016 then
+            wait = wait * 2
+        end
+    end
+end
+
+--- m:collect(opts?)
 -- content_by_lua*: prints the exposition with its Content-Type; OpenMetrics
--- when the Accept header asks for application/openmetrics-text.
-function Zone:collect()
+-- when the Accept header asks for application/openmetrics-text. The render
+-- runs off the worker's event loop; scrapes within opts.max_age (default:
+-- the zone's render_cache option, 0) of a render share it.
+function Zone:collect(opts)
     local accept = ngx.var.http_accept
     local om = accept and str_find(accept, "application/openmetrics-text", 1,
                                    true)
-    local body, err = self:metric_data(om and "openmetrics" or "text")
+    local max_age = opts and opts.max_age or self.render_cache
+    local body, err
+    if self.render_thread then
+        body, err = render_async(self, om and 1 or 0, max_age)
+    else
+        body, err = self:metric_data(om and "openmetrics" or "text")
+    end
     if not body then
         ngx.status = 500
         ngx.log(ngx.ERR, "shmprom: ", err)

@@ -5,6 +5,7 @@
 //! cumulative with `+Inf` equal to `_count`.
 
 mod fmt;
+pub mod shared;
 
 use crate::cells::{live_planes, planes_in_use, sum_cell};
 use crate::registry::{live_families, Family, Kind};

@@ -4,7 +4,7 @@
 //! agree).
 
 use crate::cells::{claim_plane, f64_add, f64_set, sum_cell};
-use crate::expose::{render, Format};
+use crate::expose::{render, shared, Format};
 use crate::registry::{self, Def, DefineError, Kind, SeriesError};
 use crate::series::TableError;
 use crate::zone::{OpenError, Zone};
@@ -592,4 +592,76 @@ pub unsafe extern "C" fn shmprom_check(
             }
         }
     })
+}
+
+/// Renders off the calling thread, sharing renders between scrapers: returns
+/// 1 with `*out`/`*len`/`*handle` set when a render of `format` that started
+/// at or after `not_before_ns` (shmprom_clock_ns time) is ready (release it with
+/// shmprom_render_release); 0 while one is running (this call starts one if
+/// none is): call again; a negative code on failure.
+///
+/// # Safety
+/// `out`, `len` and `handle` are writable; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_render_poll(
+    z: *mut shmprom_zone,
+    format: u32,
+    not_before_ns: u64,
+    out: *mut *const u8,
+    len: *mut usize,
+    handle: *mut *const std::ffi::c_void,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
+    nonnull!(out, err, errlen, SHMPROM_EINVAL, "out");
+    nonnull!(len, err, errlen, SHMPROM_EINVAL, "len");
+    nonnull!(handle, err, errlen, SHMPROM_EINVAL, "handle");
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        let fmt = match format {
+            0 => Format::Text,
+            1 => Format::OpenMetrics,
+            _ => {
+                set_err(err, errlen, "unknown format");
+                return SHMPROM_EINVAL;
+            }
+        };
+        match shared::poll(zone(z), fmt, not_before_ns) {
+            shared::Poll::Ready(r) => {
+                // SAFETY: out, len, handle are writable per the contract; the
+                // Arc's count taken by into_raw keeps buf alive until
+                // shmprom_render_release.
+                unsafe {
+                    *out = r.buf.as_ptr();
+                    *len = r.buf.len();
+                    *handle = std::sync::Arc::into_raw(r) as *const std::ffi::c_void;
+                }
+                1
+            }
+            shared::Poll::Pending => 0,
+            shared::Poll::Failed => {
+                set_err(err, errlen, "render thread failed");
+                SHMPROM_EPANIC
+            }
+        }
+    })
+}
+
+/// Releases a render handed out by shmprom_render_poll.
+///
+/// # Safety
+/// `handle` comes from shmprom_render_poll and is released once.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_render_release(handle: *const std::ffi::c_void) {
+    if handle.is_null() {
+        return;
+    }
+    // SAFETY: handle is an Arc<Rendered> leaked by shmprom_render_poll.
+    drop(unsafe { std::sync::Arc::from_raw(handle as *const shared::Rendered) });
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of shmprom_render_poll.
+#[no_mangle]
+pub extern "C" fn shmprom_clock_ns() -> u64 {
+    shared::clock_ns()
 }

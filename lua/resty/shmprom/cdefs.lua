@@ -45,6 +45,11 @@ void shmprom_error_count(shmprom_zone *z, uint32_t kind);
 int shmprom_render(shmprom_zone *z, uint32_t format, uint8_t **out,
                    size_t *len, char *err, size_t errlen);
 void shmprom_buf_free(uint8_t *buf, size_t len);
+int shmprom_render_poll(shmprom_zone *z, uint32_t format, uint64_t not_before_ns,
+                        const uint8_t **out, size_t *len, const void **handle,
+                        char *err, size_t errlen);
+void shmprom_render_release(const void *handle);
+uint64_t shmprom_clock_ns(void);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
 ]]
 
