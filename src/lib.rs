@@ -14,6 +14,7 @@
 //! - [`cells`]: planes and f64 cells
 //! - [`expose`]: Prometheus text 0.0.4 and OpenMetrics 1.0
 //! - [`check`]: consistency check of a zone
+//! - [`ttl`]: idle-series expiry
 //! - [`ffi`]: the C ABI (include/shmprom.h)
 
 // Under `--cfg loom` only the lock-free table and its atomics are built:
@@ -31,5 +32,7 @@ pub mod ffi;
 pub mod registry;
 pub mod series;
 mod sync;
+#[cfg(not(loom))]
+pub mod ttl;
 #[cfg(not(loom))]
 pub mod zone;

@@ -5,7 +5,7 @@
 //! robust process-shared mutex; the update path never touches it.
 
 use crate::series::TableError;
-use crate::zone::Zone;
+use crate::zone::{now_secs, Zone};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Kind of a family (ABI values).
@@ -386,10 +386,11 @@ fn retire(z: &Zone, id: u32) {
     let rec = &z.families()[id as usize];
     rec.state.store(RETIRED, Ordering::Release);
     let t = z.table();
+    let now = now_secs();
     for i in 0..t.slots.len() {
         if let Some(s) = t.get(i) {
             if s.family == id {
-                t.kill(i);
+                t.kill(i, now);
             }
         }
     }
@@ -471,7 +472,7 @@ pub fn series_get(z: &Zone, id: u32, values: &[&[u8]]) -> Result<u32, SeriesErro
     }
     let mut key = Vec::with_capacity(64);
     encode_key(values, &mut key);
-    match z.table().get_or_insert(id, &key, rec.width) {
+    match z.table().get_or_insert(id, &key, rec.width, now_secs()) {
         Ok((cell, created)) => {
             if created {
                 rec.series.fetch_add(1, Ordering::Relaxed);
@@ -506,7 +507,7 @@ pub fn series_del(z: &Zone, id: u32, values: &[&[u8]]) -> Result<bool, SeriesErr
     let t = z.table();
     let found = t.find(id, &key).map_err(SeriesError::Table)?;
     let Some(i) = found else { return Ok(false) };
-    let killed = t.kill(i);
+    let killed = t.kill(i, now_secs());
     if killed {
         rec.series.fetch_sub(1, Ordering::Relaxed);
         z.bump_epoch();
@@ -519,10 +520,11 @@ pub fn series_del(z: &Zone, id: u32, values: &[&[u8]]) -> Result<bool, SeriesErr
 pub fn family_reset(z: &Zone, id: u32) -> Result<(), SeriesError> {
     let rec = z.families().get(id as usize).ok_or(SeriesError::NoFamily)?;
     let t = z.table();
+    let now = now_secs();
     let mut n = 0;
     for i in 0..t.slots.len() {
         if let Some(s) = t.get(i) {
-            if s.family == id && t.kill(i) {
+            if s.family == id && t.kill(i, now) {
                 n += 1;
             }
         }

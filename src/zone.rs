@@ -3,14 +3,14 @@
 //! keeps it across reloads, workers inherit it at fork).
 
 use crate::registry::FamilyRec;
-use crate::series::{Arena, Slot, Table};
+use crate::series::{Arena, CellStore, Slot, Table};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
@@ -64,6 +64,10 @@ pub struct Header {
     pub render_ns: AtomicU64,
     pub render_bytes: AtomicU64,
     pub errors: [AtomicU64; 8],
+    /// New series that took a deleted series' slot.
+    pub reused: AtomicU64,
+    /// Series removed by the idle-series expiry (TTL).
+    pub expired: AtomicU64,
     /// Guards family definition only (never the update path).
     pub define_lock: libc::pthread_mutex_t,
 }
@@ -395,6 +399,8 @@ impl Zone {
             cells_used: &h.cells_used,
             cells_cap: h.cells_cap,
             slots_used: &h.slots_used,
+            reused: &h.reused,
+            cells: self,
         }
     }
 
@@ -419,10 +425,12 @@ impl Zone {
         unsafe { &*(self.cell_ptr(plane, idx) as *const AtomicU64) }
     }
 
-    /// Bytes of the zone in use: fixed regions plus what the arenas handed out.
+    /// Bytes of the zone in use: the fixed regions, the table slots ever
+    /// taken, and what the key and cell arenas handed out.
     pub fn bytes_used(&self) -> u64 {
         let h = self.header();
-        h.keys_off
+        h.slots_off
+            + h.slots_used.load(Ordering::Relaxed).min(h.slots_cap) * 16
             + h.keys_used.load(Ordering::Relaxed).min(h.keys_cap)
             + h.cells_used.load(Ordering::Relaxed).min(h.cells_cap) * 8 * h.planes as u64
     }
@@ -501,4 +509,25 @@ pub fn owner_alive(pid: u32, start: u64) -> bool {
         Some(s) => s == start,
         None => r == 0,
     }
+}
+
+impl CellStore for Zone {
+    fn zero(&self, cell: u32, width: u32) {
+        for p in 0..self.header().planes {
+            for k in 0..width as u64 {
+                self.cell(p, cell as u64 + k).store(0, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in whole seconds (one clock for every process).
+pub fn now_secs() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
 }

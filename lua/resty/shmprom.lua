@@ -234,6 +234,11 @@ function _M.new(opts)
     if opts.path ~= nil and type(opts.path) ~= "string" then
         error("shmprom.new: 'path' must be a string", 2)
     end
+    local ttl = opts.ttl
+    if ttl ~= nil and (type(ttl) ~= "number" or ttl < 1 or ttl ~= floor(ttl))
+    then
+        error("shmprom.new: 'ttl' must be a whole number of seconds >= 1", 2)
+    end
     local render_cache = opts.render_cache or 0
     if type(render_cache) ~= "number" or render_cache < 0 then
         error("shmprom.new: 'render_cache' must be a number of seconds >= 0",
@@ -273,6 +278,7 @@ function _M.new(opts)
         by_name = {},
         live_shared = {},
         render_cache = render_cache,
+        ttl = ttl,
         render_thread = opts.render_thread ~= false,
         lib = lib_path,
     }, Zone)
@@ -301,7 +307,38 @@ function Zone:init_worker()
                     err)
         end
     end
+    if self.ttl and ngx and ngx.worker.id() == 0 and not self.sweeping then
+        self.sweeping = true
+        local z = self
+        local every = self.ttl / 4
+        if every < 1 then
+            every = 1
+        end
+        local ok, err = ngx.timer.every(every, function(premature)
+            if not premature then
+                z:sweep()
+            end
+        end)
+        if not ok then
+            ngx.log(ngx.ERR, "shmprom: cannot start the ttl sweep timer: ",
+                    err)
+        end
+    end
     return self.plane
+end
+
+--- m:sweep() -> number of series removed
+-- Removes the series whose value has not changed for the zone's ttl
+-- seconds. init_worker runs it on a timer in worker 0 when ttl is set.
+function Zone:sweep()
+    if not self.ttl then
+        return 0
+    end
+    local n = tonumber(C.shmprom_sweep(self.ptr, self.ttl))
+    if n > 0 then
+        refresh(self)
+    end
+    return n
 end
 
 ------------------------------------------------------------------------

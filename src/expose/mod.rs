@@ -276,6 +276,20 @@ fn render_self(out: &mut Out<'_>, z: &Zone, fams: &[Family<'_>]) {
         let name = "shmprom_series_dropped_total";
         self_line(out, name, c, Some(("family", f.name.as_bytes())), n);
     }
+    out.header(
+        "shmprom_series_expired_total",
+        b"Series removed after being idle for the zone's ttl",
+        c,
+    );
+    let n = h.expired.load(Ordering::Relaxed) as f64;
+    self_line(out, "shmprom_series_expired_total", c, None, n);
+    out.header(
+        "shmprom_series_reused_total",
+        b"New series stored in the room of deleted ones",
+        c,
+    );
+    let n = h.reused.load(Ordering::Relaxed) as f64;
+    self_line(out, "shmprom_series_reused_total", c, None, n);
     out.header("shmprom_zone_bytes", b"Shared memory zone bytes", g);
     let used = z.bytes_used() as f64;
     self_line(out, "shmprom_zone_bytes", g, Some(("type", b"used")), used);

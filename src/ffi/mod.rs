@@ -665,3 +665,18 @@ pub unsafe extern "C" fn shmprom_render_release(handle: *const std::ffi::c_void)
 pub extern "C" fn shmprom_clock_ns() -> u64 {
     shared::clock_ns()
 }
+
+/// Deletes the series idle (value unchanged) for `ttl_secs` seconds or more
+/// (see the ttl module). Returns how many, or a negative error code.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_sweep(z: *mut shmprom_zone, ttl_secs: u32) -> i64 {
+    if z.is_null() {
+        return SHMPROM_EINVAL as i64;
+    }
+    guard!(std::ptr::null_mut(), 0, SHMPROM_EPANIC as i64, {
+        crate::ttl::sweep(&zone(z), ttl_secs) as i64
+    })
+}
