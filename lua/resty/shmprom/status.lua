@@ -72,6 +72,11 @@
 --
 -- Fields whose source metric is absent (a plain metrics object without the
 -- gateway preset) are left out or empty ("ops": {}, "nodes": {}).
+--
+-- "connections" is current when `obj` is the gateway preset object: the
+-- JSON is built after setting dfs_gateway_connections from $connections_*
+-- (stub_status variables), as gateway.collect() does for /metrics. With a
+-- bare metrics object it holds whatever the last /metrics scrape stored.
 
 local ngx = ngx
 local byte = string.byte
@@ -606,12 +611,45 @@ local function wants_json()
     return fmt == "json"
 end
 
+-- The states of dfs_gateway_connections, each read from the stub_status
+-- variable $connections_<state>.
+local CONNECTION_STATES = { "active", "reading", "writing", "waiting" }
+
+-- When `obj` is a gateway preset object (resty.shmprom.gateway), sets its
+-- dfs_gateway_connections gauge from this nginx's stub_status variables,
+-- as gateway.collect() does before rendering /metrics: otherwise the JSON
+-- would show the values of the last /metrics scrape, however old. The
+-- gateway object has no method that only refreshes the gauge (collect()
+-- also prints the exposition), so the family is set here directly. A
+-- variable that is not there (nginx without stub_status) is skipped.
+local function refresh_connections(obj)
+    if type(obj) ~= "table" then
+        return
+    end
+    local families = obj.families
+    local fam = type(families) == "table" and families.connections
+    if type(fam) ~= "table" or type(fam.set) ~= "function" then
+        return
+    end
+    local var = ngx.var
+    for i = 1, #CONNECTION_STATES do
+        local state = CONNECTION_STATES[i]
+        local v = tonumber(var["connections_" .. state])
+        if v then
+            fam:set(v, { state })
+        end
+    end
+end
+
+_M.refresh_connections = refresh_connections
+
 -- Returns the status table for `obj`, or nil and an error string.
 function _M.snapshot(obj)
     local src = text_source(obj)
     if not src then
         return nil, "no metrics object"
     end
+    refresh_connections(obj)
     local ok, text, err = pcall(src)
     if not ok then
         return nil, tostring(text)
