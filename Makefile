@@ -2,12 +2,15 @@
 SHELL := /bin/bash
 LIB := target/release/libshmprom.so
 
-.PHONY: all run test build deps test-rust test-loom test-nginx bench fmt lint cdefs clean
+.PHONY: all run test build deps deps-run test-rust test-loom test-nginx bench fmt lint cdefs clean
 
 all: build
 
 deps:
-	@scripts/install-deps.sh
+	@scripts/install-deps.sh test
+
+deps-run:
+	@scripts/install-deps.sh run
 
 build: $(LIB)
 
@@ -16,7 +19,7 @@ $(LIB): Cargo.toml $(wildcard src/*.rs src/*/*.rs)
 
 # Builds, then runs the file-system gateway on its embedded default
 # (gateway 127.0.0.1:8080, metrics 127.0.0.1:9145, storage nodes 8081-8083).
-run: deps build
+run: deps-run build
 	scripts/run-gateway.sh
 
 # Builds, then passes every test: Rust unit/integration/model tests, the

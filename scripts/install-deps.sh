@@ -4,14 +4,21 @@
 # Idempotent: does nothing when everything is there.
 set -euo pipefail
 
+# `install-deps.sh run`: what `make run` needs; `install-deps.sh test`
+# (the default): everything the tests and benchmarks use as well.
+mode=${1:-test}
 want_debs=(
   nginx-core libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core
-  libnginx-mod-http-dav-ext
-  prometheus prometheus-node-exporter prometheus-alertmanager
-  rclone curl wrk libclang-dev clang perl
+  libnginx-mod-http-dav-ext curl
 )
-if [ "${SHMPROM_WITH_BROWSER:-1}" = 1 ]; then
-  want_debs+=(chromium)
+if [ "$mode" = test ]; then
+  want_debs+=(
+    prometheus prometheus-node-exporter prometheus-alertmanager
+    rclone wrk libclang-dev clang perl binutils python3-pip
+  )
+  if [ "${SHMPROM_WITH_BROWSER:-1}" = 1 ]; then
+    want_debs+=(chromium)
+  fi
 fi
 
 missing=()
@@ -31,7 +38,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ -f /run/nginx.pid ]; then $sudo kill "$(cat /run/nginx.pid)" 2>/dev/null || true; fi
 fi
 
-if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+# The tests parse the exposition with Python's prometheus_client too.
+if [ "$mode" = test ] && ! python3 -c 'import prometheus_client' 2>/dev/null; then
   echo "install-deps: pip install prometheus-client"
-  python3 -m pip install -q prometheus-client
+  python3 -m pip install -q prometheus-client 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages prometheus-client
 fi

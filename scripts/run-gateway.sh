@@ -242,6 +242,15 @@ start_gateway() {
 }
 
 # stop_one NAME: TERM (nginx: fast shutdown), wait up to STOP_TIMEOUT, then
+# running PID: alive and not a zombie (an exited nginx whose parent is not
+# us waits as a zombie until init reaps it)
+running() {
+    kill -0 "$1" 2>/dev/null || return 1
+    local st
+    st=$(cut -d')' -f2 "/proc/$1/stat" 2>/dev/null | awk '{print $1}')
+    [[ $st != Z ]]
+}
+
 # KILL; only a pid that runs our own nginx for NAME
 stop_one() {
     local name=$1 pid i
@@ -253,7 +262,7 @@ stop_one() {
     kill -TERM "$pid" 2>/dev/null || true
     local deadline=$((SECONDS + STOP_TIMEOUT))
     for ((i = 0; i < STOP_TIMEOUT * 20 + 1; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
+        running "$pid" || break
         if (( SECONDS >= deadline )); then
             say "$name (pid $pid) still runs after ${STOP_TIMEOUT}s: SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true

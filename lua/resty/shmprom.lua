@@ -571,7 +571,7 @@ local function miss(f, lv)
     end
     if r < 0 then
         local msg = f.name .. ": " .. errmsg()
-        log_limited("series", msg)
+        log_limited("series" .. tonumber(r), msg)
         return nil, msg
     end
     local idx = tonumber(r)
