@@ -233,7 +233,7 @@ fn arena_write(z: &Zone, bytes: &[u8], align: u64) -> Result<u64, DefineError> {
     Ok(off)
 }
 
-fn read_str<'z>(z: &'z Zone, off: u64) -> (&'z [u8], u64) {
+fn read_str(z: &Zone, off: u64) -> (&[u8], u64) {
     let t = z.table();
     // SAFETY: `off` points at a u32 length and that many bytes written by
     // arena_write before the family's LIVE release store, never changed.
