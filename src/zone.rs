@@ -149,21 +149,23 @@ impl Layout {
         );
         let slots_off = align_up(planes_off + planes as u64 * 64, 64);
         let rest = size - slots_off;
-        // Per series budget: 16 B / 0.875 of slot, ~32 B of key (family
-        // strings included), 8 B x planes x ~1.5 cells (histograms need more).
-        let per_series = 19 + 32 + 12 * planes as u64;
+        // Per series budget: 16 B / (15/16) of slot, ~24 B of key record
+        // (family strings included), 8 B x planes x ~1.25 cells (histograms
+        // need more).
+        let per_series = 17 + 24 + 10 * planes as u64;
         let want = rest / per_series;
         let mut slots_cap = 1u64;
-        while slots_cap * 7 / 8 < want {
+        while slots_cap * 15 / 16 < want {
             slots_cap <<= 1;
         }
-        // the largest power of two that fits its share
-        while slots_cap * 16 > rest * 19 / per_series && slots_cap > 16 {
+        // Rounded up to a power of two the table may take more than its
+        // share (a lower load factor); never more than half the zone.
+        while slots_cap * 16 > rest / 2 && slots_cap > 16 {
             slots_cap >>= 1;
         }
         let keys_off = align_up(slots_off + slots_cap * 16, 64);
         let after_slots = size - keys_off;
-        let keys_cap = (after_slots * 32 / (32 + 12 * planes as u64)).min(u32::MAX as u64);
+        let keys_cap = (after_slots * 24 / (24 + 10 * planes as u64)).min(u32::MAX as u64);
         let cells_off = align_up(keys_off + keys_cap, 64);
         let cells_cap = (size - cells_off) / (8 * planes as u64);
         if cells_cap < 16 || slots_cap < 16 {

@@ -20,6 +20,7 @@ local concat = table.concat
 local str_format = string.format
 local str_find = string.find
 local floor = math.floor
+local rshift = require("bit").rshift
 local HUGE = math.huge
 local ngx = ngx
 
@@ -225,7 +226,10 @@ function _M.new(opts)
               .. "such as \"32m\", got " .. tostring(opts.size), 2)
     end
     -- One plane per worker, twice over: during a reload the old workers
-    -- keep theirs while the new ones start.
+    -- keep theirs while the new ones start. With fewer (planes = workers
+    -- saves 8 bytes per plane per series), new workers write the shared
+    -- plane until the old ones exit, and the livesum share of a worker
+    -- killed in that window cannot be told apart.
     local workers = ngx and ngx.worker.count() or 1
     local planes = opts.planes or (2 * workers)
     if type(planes) ~= "number" or planes < 0 or planes ~= floor(planes) then
@@ -645,13 +649,17 @@ end
 local function observe(f, idx, v)
     local b = f.buckets
     local nb = f.nb
-    local k = nb
-    for i = 1, nb do
-        if v <= b[i] then
-            k = i - 1
-            break
+    -- binary search for the first bound >= v (nb + 1: the +Inf bucket)
+    local lo, hi = 1, nb + 1
+    while lo < hi do
+        local mid = rshift(lo + hi, 1)
+        if v <= b[mid] then
+            hi = mid
+        else
+            lo = mid + 1
         end
     end
+    local k = lo - 1
     local z = f.zone
     local off = z.off
     if off > 0 then
