@@ -987,7 +987,8 @@ function Zone:metric_data(format)
 end
 
 -- Renders on a thread of the library while this request sleeps, so the
--- worker keeps serving; scrapers share a render started within max_age.
+-- worker keeps serving; returns the render's pointer, length and handle
+-- (release with C.shmprom_render_release).
 local function render_async(z, fmt, max_age)
     local out = ffi_new("const uint8_t*[1]")
     local len = ffi_new("size_t[1]")
@@ -1002,9 +1003,7 @@ local function render_async(z, fmt, max_age)
         local rc = C.shmprom_render_poll(z.ptr, fmt, not_before, out, len,
                                          handle, errbuf, ERRLEN)
         if rc == 1 then
-            local s = ffi_string(out[0], len[0])
-            C.shmprom_render_release(handle[0])
-            return s
+            return out[0], tonumber(len[0]), handle[0]
         elseif rc ~= 0 then
             C.shmprom_error_count(z.ptr, ERR_INTERNAL)
             return nil, "render failed: " .. errmsg()
@@ -1020,30 +1019,59 @@ local function render_async(z, fmt, max_age)
     end
 end
 
+-- Bytes handed to nginx at a time: between two pieces the request waits
+-- for the client to take the data, and the worker serves others.
+local PRINT_CHUNK = 256 * 1024
+
 --- m:collect(opts?)
 -- content_by_lua*: prints the exposition with its Content-Type; OpenMetrics
 -- when the Accept header asks for application/openmetrics-text. The render
--- runs off the worker's event loop; scrapes within opts.max_age (default:
--- the zone's render_cache option, 0) of a render share it.
+-- runs off the worker's event loop and is sent in pieces; scrapes within
+-- opts.max_age (default: the zone's render_cache option, 0) of a render
+-- share it.
 function Zone:collect(opts)
     local accept = ngx.var.http_accept
     local om = accept and str_find(accept, "application/openmetrics-text", 1,
                                    true)
-    local max_age = opts and opts.max_age or self.render_cache
-    local body, err
-    if self.render_thread then
-        body, err = render_async(self, om and 1 or 0, max_age)
-    else
-        body, err = self:metric_data(om and "openmetrics" or "text")
-    end
-    if not body then
-        ngx.status = 500
-        ngx.log(ngx.ERR, "shmprom: ", err)
-        ngx.say(err)
+    local ct = om and CT_OPENMETRICS or CT_TEXT
+    if not self.render_thread then
+        local body, err = self:metric_data(om and "openmetrics" or "text")
+        if not body then
+            ngx.status = 500
+            ngx.log(ngx.ERR, "shmprom: ", err)
+            ngx.say(err)
+            return
+        end
+        ngx.header["Content-Type"] = ct
+        ngx.print(body)
         return
     end
-    ngx.header["Content-Type"] = om and CT_OPENMETRICS or CT_TEXT
-    ngx.print(body)
+    local max_age = opts and opts.max_age or self.render_cache
+    local ptr, len, handle = render_async(self, om and 1 or 0, max_age)
+    if not ptr then
+        ngx.status = 500
+        ngx.log(ngx.ERR, "shmprom: ", len)
+        ngx.say(len)
+        return
+    end
+    ngx.header["Content-Type"] = ct
+    if len <= PRINT_CHUNK then
+        ngx.print(ffi_string(ptr, len))
+    else
+        local off = 0
+        while off < len do
+            local n = len - off
+            if n > PRINT_CHUNK then
+                n = PRINT_CHUNK
+            end
+            local ok = ngx.print(ffi_string(ptr + off, n))
+            off = off + n
+            if not ok or (off < len and not ngx.flush(true)) then
+                break -- the client went away
+            end
+        end
+    end
+    C.shmprom_render_release(handle)
 end
 
 --- m:check() -> summary | nil, err
