@@ -75,6 +75,7 @@ int shmprom_render_poll(shmprom_zone *z, uint32_t format, uint64_t not_before_ns
 void shmprom_render_release(const void *handle);
 uint64_t shmprom_clock_ns(void);
 int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
+void shmprom_zone_set_grace(shmprom_zone *z, uint32_t secs);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
 /* SHMPROM_CDEF_END */
 

@@ -308,6 +308,25 @@ pub fn define(z: &Zone, def: &Def<'_>) -> Result<u32, DefineError> {
     z.with_define_lock(|| {
         let h = z.header();
         let used = h.families_used.load(Ordering::Acquire);
+        // Names the exposition would write twice are refused: a histogram
+        // `x` owns x_bucket, x_sum and x_count; a counter `x_total` is the
+        // family `x` in OpenMetrics.
+        let mine = output_names(def.name, def.kind);
+        for id in 0..used as u32 {
+            let Some(f) = family(z, id) else { continue };
+            if !f.live || f.name == def.name {
+                continue;
+            }
+            let theirs = output_names(f.name, f.kind);
+            if let Some(n) = mine.iter().find(|n| theirs.contains(n)) {
+                return Err(DefineError::Invalid(format!(
+                    "metric '{}' collides with {} '{}' in the output (both write '{n}')",
+                    def.name,
+                    f.kind.as_str(),
+                    f.name
+                )));
+            }
+        }
         for id in 0..used as u32 {
             let Some(f) = family(z, id) else { continue };
             if !f.live || f.name != def.name {
@@ -319,6 +338,12 @@ pub fn define(z: &Zone, def: &Def<'_>) -> Result<u32, DefineError> {
                     put_str(def.help, &mut b);
                     let off = arena_write(z, &b, 4)?;
                     f.rec.help_off.store(off, Ordering::Release);
+                }
+                if def.labels.is_empty() {
+                    // an earlier define may have found no room for it
+                    series_get(z, id, &[]).map_err(|e| {
+                        DefineError::Full(format!("zone has no room for the series: {e:?}"))
+                    })?;
                 }
                 return Ok(id);
             }
@@ -379,6 +404,28 @@ pub fn define(z: &Zone, def: &Def<'_>) -> Result<u32, DefineError> {
         }
         Ok(id)
     })
+}
+
+/// Every name a family of this kind writes in either format: family names
+/// and sample names.
+fn output_names(name: &str, kind: Kind) -> Vec<String> {
+    let mut v = vec![name.to_string()];
+    match kind {
+        Kind::Counter => {
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            v.push(base.to_string());
+            v.push(format!("{base}_total"));
+        }
+        Kind::Gauge => {}
+        Kind::Histogram => {
+            for s in ["_bucket", "_sum", "_count"] {
+                v.push(format!("{name}{s}"));
+            }
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// Retires family `id`: it leaves the output and its series are deleted.

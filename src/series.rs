@@ -17,7 +17,7 @@
 //! only from earlier to later slots, so they cannot form a cycle. Lookups
 //! wait out CLAIMED and TENTATIVE slots of their hash.
 //!
-//! Deleted slots are reused only [`REUSE_GRACE_SECS`] after the delete:
+//! Deleted slots are reused only a grace period after the delete:
 //! workers drop cached cell indexes when the zone epoch moves, and the
 //! grace covers a worker caught between its epoch check and its store.
 
@@ -41,6 +41,7 @@ const DEAD_TAG: u32 = 0x8000_0000;
 const REC_HDR: u64 = 12;
 
 /// Seconds a deleted series' slot, key record and cells wait before reuse.
+/// The default of [`Table::grace`].
 pub const REUSE_GRACE_SECS: u32 = 5;
 
 /// How long a lookup waits for another process to finish an insert of the
@@ -157,6 +158,9 @@ pub struct Table<'a> {
     /// Series whose slot was reused (a self-metric).
     pub reused: &'a AtomicU64,
     pub cells: &'a (dyn CellStore + Sync),
+    /// Seconds a deleted series waits before its slot is reused
+    /// ([`REUSE_GRACE_SECS`] unless the zone says otherwise).
+    pub grace: u32,
 }
 
 /// A live series found while iterating the table.
@@ -370,7 +374,7 @@ impl<'a> Table<'a> {
             return false; // killed, not yet stamped
         }
         let t = tag & !DEAD_TAG;
-        t == 0 || now.wrapping_sub(t) & !DEAD_TAG >= REUSE_GRACE_SECS
+        t == 0 || now.wrapping_sub(t) & !DEAD_TAG >= self.grace
     }
 
     /// Finds the READY slot for (family, key), if any.
@@ -559,14 +563,9 @@ impl<'a> Table<'a> {
         let old_cell = slot.cell_idx();
         // SAFETY: a DEAD slot's record was published before; we own the slot.
         let old = (old_off != NONE).then(|| unsafe { self.rec(old_off) });
-        let cell = match &old {
-            Some(r) if old_cell != NONE && r.width == width => {
-                self.cells.zero(old_cell, width);
-                old_cell
-            }
-            _ => self.alloc_cells(width)?,
-        };
-        slot.set_cell_idx(cell);
+        // Secure both the record and the cells before changing the slot: a
+        // slot left with a record whose width is not its cells' would hand
+        // out overlapping cells later.
         let off = match &old {
             Some(r) if r.cap as usize >= key.len() => old_off,
             _ => {
@@ -583,6 +582,18 @@ impl<'a> Table<'a> {
                 off as u32
             }
         };
+        let reuse_cells = matches!(&old, Some(r) if old_cell != NONE && r.width == width);
+        let cell = if reuse_cells {
+            old_cell
+        } else {
+            // on failure a fresh record stays unused in the arena: the slot
+            // keeps its old record and cells, consistent with each other
+            self.alloc_cells(width)?
+        };
+        if reuse_cells {
+            self.cells.zero(cell, width);
+        }
+        slot.set_cell_idx(cell);
         // SAFETY: the record at `off` is ours (a fresh one, or the dead
         // series' whose slot we claimed); nobody reads it before our
         // TENTATIVE store, but for readers that loaded the old DEAD state,
@@ -730,6 +741,7 @@ mod tests {
             slots_used: &m.slots_used,
             reused: &m.reused,
             cells: &NoCells,
+            grace: REUSE_GRACE_SECS,
         }
     }
 
@@ -918,6 +930,7 @@ mod loom_tests {
             slots_used: &m.slots_used,
             reused: &m.reused,
             cells: &NoCells,
+            grace: REUSE_GRACE_SECS,
         };
         f(&t)
     }

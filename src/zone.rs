@@ -10,7 +10,7 @@ use std::sync::Mutex;
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
@@ -68,6 +68,9 @@ pub struct Header {
     pub reused: AtomicU64,
     /// Series removed by the idle-series expiry (TTL).
     pub expired: AtomicU64,
+    /// Seconds before a deleted series' room is reused (0: the default).
+    pub reuse_grace: AtomicU32,
+    _pad1: u32,
     /// Guards family definition only (never the update path).
     pub define_lock: libc::pthread_mutex_t,
 }
@@ -158,9 +161,10 @@ impl Layout {
         while slots_cap * 15 / 16 < want {
             slots_cap <<= 1;
         }
-        // Rounded up to a power of two the table may take more than its
-        // share (a lower load factor); never more than half the zone.
-        while slots_cap * 16 > rest / 2 && slots_cap > 16 {
+        // the largest power of two within its share: the key and cell
+        // arenas must outlast the table, or under churn the room held by
+        // dead slots strands while fresh slots find the arenas empty
+        while slots_cap * 16 > rest * 17 / per_series && slots_cap > 16 {
             slots_cap >>= 1;
         }
         let keys_off = align_up(slots_off + slots_cap * 16, 64);
@@ -403,6 +407,10 @@ impl Zone {
             slots_used: &h.slots_used,
             reused: &h.reused,
             cells: self,
+            grace: match h.reuse_grace.load(Ordering::Relaxed) {
+                0 => crate::series::REUSE_GRACE_SECS,
+                g => g,
+            },
         }
     }
 

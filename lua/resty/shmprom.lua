@@ -243,6 +243,12 @@ function _M.new(opts)
     then
         error("shmprom.new: 'ttl' must be a whole number of seconds >= 1", 2)
     end
+    local grace = opts.reuse_grace
+    if grace ~= nil and (type(grace) ~= "number" or grace < 1
+                         or grace ~= floor(grace)) then
+        error("shmprom.new: 'reuse_grace' must be a whole number of seconds "
+              .. ">= 1", 2)
+    end
     local render_cache = opts.render_cache or 0
     if type(render_cache) ~= "number" or render_cache < 0 then
         error("shmprom.new: 'render_cache' must be a number of seconds >= 0",
@@ -261,6 +267,9 @@ function _M.new(opts)
     end
     if rc == 1 and ngx then
         ngx.log(ngx.WARN, "shmprom: zone '", name, "': ", errmsg())
+    end
+    if grace then
+        C.shmprom_zone_set_grace(out[0], grace)
     end
     local info = ffi_new("shmprom_zone_info")
     if C.shmprom_zone_get_info(out[0], info) ~= FFI_OK then

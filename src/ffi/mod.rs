@@ -680,3 +680,20 @@ pub unsafe extern "C" fn shmprom_sweep(z: *mut shmprom_zone, ttl_secs: u32) -> i
         crate::ttl::sweep(&zone(z), ttl_secs) as i64
     })
 }
+
+/// Sets how many seconds a deleted series' slot, key record and cells wait
+/// before a new series may take them (0: the default of 5). Shorter lets a
+/// zone absorb faster churn; the wait covers a worker caught between its
+/// cache check and its store.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_zone_set_grace(z: *mut shmprom_zone, secs: u32) {
+    if !z.is_null() {
+        zone(z)
+            .header()
+            .reuse_grace
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+}
