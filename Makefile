@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 LIB := target/release/libshmprom.so
 
-.PHONY: all run test build deps deps-run test-rust test-loom test-nginx bench fmt lint cdefs clean
+.PHONY: all run test build deps deps-run valgrind fuzz test-rust test-loom test-nginx bench fmt lint cdefs clean
 
 all: build
 
@@ -37,6 +37,16 @@ test-nginx: build
 
 bench: deps build
 	bench/run-all.sh
+
+# nginx and the in-process Lua tests under valgrind memcheck (slow)
+valgrind: build
+	scripts/valgrind-check.sh
+
+# coverage-guided fuzzing (needs cargo-fuzz and a nightly toolchain); the
+# stable replay of the corpus runs in `make test-rust`
+fuzz:
+	cd fuzz && cargo +nightly fuzz run series_table -- -max_total_time=60
+	cd fuzz && cargo +nightly fuzz run render -- -max_total_time=60
 
 fmt:
 	cargo fmt
