@@ -20,7 +20,7 @@ local concat = table.concat
 local str_format = string.format
 local str_find = string.find
 local floor = math.floor
-local rshift = require("bit").rshift
+local loadstring = loadstring
 local HUGE = math.huge
 local ngx = ngx
 
@@ -372,6 +372,30 @@ local KIND_NAMES = { [KIND_COUNTER] = "counter", [KIND_GAUGE] = "gauge",
 local CLASSES = { [KIND_COUNTER] = Counter, [KIND_GAUGE] = Gauge,
                   [KIND_HISTOGRAM] = Histogram }
 
+-- Bucket search: a fixed number of bisection steps over the bounds padded
+-- with +Inf to a power of two, unrolled (no loop, so LuaJIT keeps it in the
+-- caller's trace). Returns the 0-based bucket: the first bound >= v, or nb
+-- for +Inf. One function per step count, made once.
+local searches = {}
+
+local function bucket_search(steps)
+    local fn = searches[steps]
+    if fn then
+        return fn
+    end
+    local src = { "local B, v = ...\nlocal k = 0\n" }
+    local m = 2 ^ (steps - 1)
+    while m >= 1 do
+        src[#src + 1] = ("if v > B[k + %d] then k = k + %d end\n")
+                        :format(m - 1, m)
+        m = m / 2
+    end
+    src[#src + 1] = "return k\n"
+    fn = assert(loadstring(concat(src), "=shmprom.bucket_search"))
+    searches[steps] = fn
+    return fn
+end
+
 local function define(z, kind, name, help, labels, buckets, opts, level)
     level = level + 1
     if type(name) ~= "string" then
@@ -482,6 +506,8 @@ local function define(z, kind, name, help, labels, buckets, opts, level)
         nlabels = nl,
         buckets = bl,
         nb = #bl,
+        bounds = false,
+        search = false,
         cache = {},
         ncache = 0,
         idx0 = nil,
@@ -490,6 +516,18 @@ local function define(z, kind, name, help, labels, buckets, opts, level)
         lens = ffi_new("size_t[?]", nl + 1),
         anchor = {},
     }, CLASSES[kind])
+    if kind == KIND_HISTOGRAM then
+        local steps = 1
+        while 2 ^ steps < #bl + 1 do
+            steps = steps + 1
+        end
+        local b = ffi_new("double[?]", 2 ^ steps)
+        for i = 0, 2 ^ steps - 1 do
+            b[i] = bl[i + 1] or HUGE
+        end
+        f.bounds = b
+        f.search = bucket_search(steps)
+    end
     z.by_name[name] = f
     z.list[#z.list + 1] = f
     return f
@@ -656,19 +694,8 @@ local function add(z, idx, v)
 end
 
 local function observe(f, idx, v)
-    local b = f.buckets
     local nb = f.nb
-    -- binary search for the first bound >= v (nb + 1: the +Inf bucket)
-    local lo, hi = 1, nb + 1
-    while lo < hi do
-        local mid = rshift(lo + hi, 1)
-        if v <= b[mid] then
-            hi = mid
-        else
-            lo = mid + 1
-        end
-    end
-    local k = lo - 1
+    local k = f.search(f.bounds, v)
     local z = f.zone
     local off = z.off
     if off > 0 then

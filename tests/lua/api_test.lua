@@ -125,5 +125,34 @@ has('# HELP escape_total Help with \\\\ and\\nnewline\n')
 has('escape_total{v="a\\"b\\\\c\\nd"} 1\n')
 has('escape_total{v="bad\239\191\189utf8"} 1\n')
 
+-- bucket search: every bucket count from 1 to 40, values on, between,
+-- below and above the bounds land where a linear scan puts them
+for nb = 1, 40 do
+    local bounds = {}
+    for i = 1, nb do bounds[i] = i * 1.5 - 3 end
+    local hb = m:histogram("search_" .. nb, "search", nil, bounds)
+    local want = {}
+    for i = 0, nb do want[i] = 0 end
+    local vals = { -100, bounds[1], bounds[nb], bounds[nb] + 0.1, 1e300 }
+    for i = 1, nb do
+        vals[#vals + 1] = bounds[i]
+        vals[#vals + 1] = bounds[i] - 0.25
+        vals[#vals + 1] = bounds[i] + 0.25
+    end
+    for _, v in ipairs(vals) do
+        assert(hb:observe(v))
+        local k = nb
+        for i = 1, nb do
+            if v <= bounds[i] then k = i - 1 break end
+        end
+        want[k] = want[k] + 1
+    end
+    for k = 0, nb do
+        local got = hb:value(nil, k)
+        assert(got == want[k], ("%d buckets: bucket %d has %s, want %d")
+               :format(nb, k, tostring(got), want[k]))
+    end
+end
+
 assert(m:check())
 return "ok"
