@@ -161,6 +161,20 @@ pub struct Table<'a> {
     /// Seconds a deleted series waits before its slot is reused
     /// ([`REUSE_GRACE_SECS`] unless the zone says otherwise).
     pub grace: u32,
+    /// Free key records by size class (capacity 8 << class bytes): a
+    /// reused slot whose record is too small for the new key gives it back
+    /// here. Each head is (tag << 32) | (offset + 1), 0 for empty; the tag
+    /// keeps a pop from mistaking a recycled head (ABA).
+    pub rec_free: &'a [AtomicU64],
+}
+
+/// Size classes of key records: capacities 8, 16, ... 16384 bytes.
+pub const REC_CLASSES: usize = 12;
+
+/// The size class whose capacity holds `len` key bytes.
+fn rec_class(len: usize) -> usize {
+    let cap = len.max(8).next_power_of_two();
+    cap.trailing_zeros() as usize - 3
 }
 
 /// A live series found while iterating the table.
@@ -566,18 +580,30 @@ impl<'a> Table<'a> {
         // Secure both the record and the cells before changing the slot: a
         // slot left with a record whose width is not its cells' would hand
         // out overlapping cells later.
+        let mut give_back = None;
         let off = match &old {
             Some(r) if r.cap as usize >= key.len() => old_off,
             _ => {
-                let cap8 = (key.len() as u64).div_ceil(8).max(1);
-                let off = self.keys.alloc(REC_HDR + cap8 * 8, 4)?;
-                if off >= (NONE - 1) as u64 {
-                    return None;
-                }
-                // SAFETY: the record was just reserved for us alone.
+                let class = rec_class(key.len());
+                let off = match self.rec_pop(class) {
+                    Some(o) => o as u64,
+                    None => {
+                        let off = self.keys.alloc(REC_HDR + (8u64 << class), 4)?;
+                        if off >= (NONE - 1) as u64 {
+                            return None;
+                        }
+                        off
+                    }
+                };
+                // SAFETY: the record is ours alone (just reserved, or just
+                // taken off the free list).
                 unsafe {
                     let p = self.keys.at(off);
-                    (p.add(4) as *mut u32).write_unaligned((cap8 as u32) << 16);
+                    (p.add(4) as *mut u32).write_unaligned((1u32 << class) << 16);
+                }
+                // the dead series' record, too small now, goes back for reuse
+                if let Some(r) = &old {
+                    give_back = Some((rec_class(r.cap as usize), old_off));
                 }
                 off as u32
             }
@@ -607,7 +633,56 @@ impl<'a> Table<'a> {
         }
         self.tag(off).store(family, Ordering::Release);
         slot.set_rec_off(off);
+        if let Some((class, old_off)) = give_back {
+            // nobody reaches the old record any more: the slot was dead for
+            // the grace period and now points at the new one
+            self.rec_push(class, old_off);
+        }
         Some(cell)
+    }
+
+    /// The `next` link of a free record (its width word while it is free).
+    fn rec_next(&self, off: u32) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: `off` is a record inside the arena, 4-aligned, with a
+        // 12-byte header; its third word is accessed atomically while the
+        // record is on a free list.
+        unsafe { &*(self.keys.at(off as u64 + 8) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    /// Gives record `off` (of `class`) back for reuse.
+    fn rec_push(&self, class: usize, off: u32) {
+        let head = &self.rec_free[class];
+        let mut cur = head.load(Ordering::Acquire);
+        loop {
+            self.rec_next(off)
+                .store(cur as u32, std::sync::atomic::Ordering::Relaxed);
+            let new = (((cur >> 32) + 1) << 32) | (off as u64 + 1);
+            match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Takes a free record of `class`, if any.
+    fn rec_pop(&self, class: usize) -> Option<u32> {
+        let head = &self.rec_free[class];
+        let mut cur = head.load(Ordering::Acquire);
+        loop {
+            let first = cur as u32;
+            if first == 0 {
+                return None;
+            }
+            let off = first - 1;
+            let next = self
+                .rec_next(off)
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let new = (((cur >> 32) + 1) << 32) | next as u64;
+            match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(off),
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Reserves `width` consecutive cells (in every plane).
@@ -708,6 +783,7 @@ mod tests {
         cells: AtomicU64,
         slots_used: AtomicU64,
         reused: AtomicU64,
+        rec_free: Vec<AtomicU64>,
     }
 
     fn mem(nslots: usize, key_bytes: usize) -> Mem {
@@ -724,6 +800,7 @@ mod tests {
             cells: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
             reused: AtomicU64::new(0),
+            rec_free: (0..REC_CLASSES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -742,6 +819,7 @@ mod tests {
             reused: &m.reused,
             cells: &NoCells,
             grace: REUSE_GRACE_SECS,
+            rec_free: &m.rec_free,
         }
     }
 
@@ -807,6 +885,39 @@ mod tests {
         let keys = t.keys.used.load(Ordering::Relaxed);
         assert!(keys <= 64 * (REC_HDR + 8), "key bytes used {keys}");
         assert_eq!(t.census().0, 0);
+    }
+
+    #[test]
+    fn growing_keys_reuse_records() {
+        // keys that grow a size class every few rounds: the records given
+        // back are taken again, the key arena stops growing
+        let mut m = mem(64, 1 << 16);
+        let t = table(&mut m, 1000);
+        let mut now = 100;
+        for round in 0..400u32 {
+            let len = 4 + (round / 40) as usize * 3; // 4 .. 31 bytes
+            let keys: Vec<Vec<u8>> = (0..20u32)
+                .map(|k| {
+                    let mut v = vec![b'x'; len];
+                    v[..4].copy_from_slice(&(round * 20 + k).to_le_bytes());
+                    v
+                })
+                .collect();
+            for k in &keys {
+                t.get_or_insert(3, k, 1, now).unwrap();
+            }
+            for k in &keys {
+                let i = t.find(3, k).unwrap().unwrap();
+                assert!(t.kill(i, now));
+            }
+            now += REUSE_GRACE_SECS;
+        }
+        let keys = t.keys.used.load(Ordering::Relaxed);
+        // at most one record per slot per class seen (8, 16, 32 bytes)
+        assert!(
+            keys <= 64 * (3 * REC_HDR + 8 + 16 + 32),
+            "key bytes used {keys}"
+        );
     }
 
     #[test]
@@ -891,6 +1002,7 @@ mod loom_tests {
         cells: AtomicU64,
         slots_used: AtomicU64,
         reused: AtomicU64,
+        rec_free: Vec<AtomicU64>,
     }
     // SAFETY: the key arena is written only in regions reserved by one
     // thread's atomic bump (or a slot it claimed) and read only after the
@@ -912,6 +1024,7 @@ mod loom_tests {
             cells: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
             reused: AtomicU64::new(0),
+            rec_free: (0..REC_CLASSES).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -931,6 +1044,7 @@ mod loom_tests {
             reused: &m.reused,
             cells: &NoCells,
             grace: REUSE_GRACE_SECS,
+            rec_free: &m.rec_free,
         };
         f(&t)
     }

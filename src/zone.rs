@@ -10,7 +10,7 @@ use std::sync::Mutex;
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
@@ -71,6 +71,8 @@ pub struct Header {
     /// Seconds before a deleted series' room is reused (0: the default).
     pub reuse_grace: AtomicU32,
     _pad1: u32,
+    /// Free key records by size class (see series::Table::rec_free).
+    pub rec_free: [AtomicU64; crate::series::REC_CLASSES],
     /// Guards family definition only (never the update path).
     pub define_lock: libc::pthread_mutex_t,
 }
@@ -411,6 +413,7 @@ impl Zone {
                 0 => crate::series::REUSE_GRACE_SECS,
                 g => g,
             },
+            rec_free: &h.rec_free,
         }
     }
 

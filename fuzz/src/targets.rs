@@ -72,6 +72,7 @@ struct Mem {
     slots_used: AtomicU64,
     reused: AtomicU64,
     cells: Cells,
+    rec_free: Vec<AtomicU64>,
 }
 
 /// The cells of the heap table (one plane): the table zeroes a reused
@@ -102,6 +103,9 @@ fn mem(nslots: usize, key_bytes: usize, cells_cap: u64) -> Mem {
         slots_used: AtomicU64::new(0),
         reused: AtomicU64::new(0),
         cells: Cells((0..cells_cap).map(|_| AtomicU64::new(0)).collect()),
+        rec_free: (0..shmprom::series::REC_CLASSES)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
     }
 }
 
@@ -120,6 +124,7 @@ fn table(m: &mut Mem, cells_cap: u64) -> Table<'_> {
         reused: &m.reused,
         cells: &m.cells,
         grace: shmprom::series::REUSE_GRACE_SECS,
+        rec_free: &m.rec_free,
     }
 }
 
@@ -227,7 +232,8 @@ pub fn series_table(data: &[u8]) {
                         // refusing is always allowed when something is
                         // short; with no dead slot, room for a slot and
                         // room in both arenas, it is not
-                        let rec = 12 + (key.len() as u64).div_ceil(8).max(1) * 8;
+                        // records come in power-of-two capacities, 8 bytes at least
+                        let rec = 12 + (key.len().max(8).next_power_of_two() as u64);
                         let room = dead0 == 0
                             && before.0 < limit
                             && before.1 + width as u64 <= cells_cap
