@@ -1,0 +1,152 @@
+#!/usr/bin/env perl
+# Bench (d): zone bytes per series.
+#
+# nginx with 2 workers (planes default: 2 x workers = 4, plus the shared
+# plane), one zone per size. Reads shmprom_zone_bytes{type="used"} before
+# and after creating N counter series with 2 short label values (up to 3
+# characters each), then fills the zone until the first series is refused.
+# Reported both ways: used bytes delta / N, and zone size / capacity (the
+# advertised shmprom_series_capacity and the count actually stored).
+# Also: a histogram series (1 label, 15 buckets) by the used-bytes delta.
+
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Bench qw($REPO $WORK $QUICK $MODULES $USER_LINE free_ports nginx_start
+             nginx_stop http_get http_get_json fmt_num md_table write_fragment
+             spew lua_paths logmsg add_target $OUT);
+
+my @SIZES = $QUICK ? ('32m') : ('8m', '32m', '128m');
+my $N = 100_000;
+my $NH = 10_000;
+
+sub bytes_of {
+    my ($s) = @_;
+    my ($n, $u) = $s =~ /^(\d+)([km]?)$/;
+    return $n * ($u eq 'm' ? 1 << 20 : $u eq 'k' ? 1 << 10 : 1);
+}
+
+sub self_metrics {
+    my ($port) = @_;
+    my ($code, undef, undef, $m) = http_get("http://127.0.0.1:$port/metrics", 60);
+    die "metrics: HTTP $code\n" unless $code eq '200';
+    my %v;
+    $v{used} = $1 if $m =~ /^shmprom_zone_bytes\{type="used"\} (\S+)$/m;
+    $v{capacity_bytes} = $1 if $m =~ /^shmprom_zone_bytes\{type="capacity"\} (\S+)$/m;
+    $v{series_capacity} = $1 if $m =~ /^shmprom_series_capacity (\S+)$/m;
+    $v{planes} = $1 if $m =~ /^shmprom_planes\{state="total"\} (\S+)$/m;
+    $v{series} = $1 if $m =~ /^shmprom_series\{family="bench_d_total"\} (\S+)$/m;
+    return \%v;
+}
+
+my @rows;
+my %summary;
+for my $size (@SIZES) {
+    my ($port) = free_ports(1);
+    my $paths = lua_paths();
+    my $conf = <<"EOC";
+load_module $MODULES/ndk_http_module.so;
+load_module $MODULES/ngx_http_lua_module.so;
+$USER_LINE
+worker_processes 2;
+pid \$PREFIX/logs/nginx.pid;
+error_log \$PREFIX/logs/error.log crit;
+events { worker_connections 256; }
+http {
+    $paths
+    access_log off;
+    init_by_lua_block {
+        local shmprom = require "resty.shmprom"
+        bench_m = shmprom.new{ zone = "bench_d", size = "$size" }
+        bench_c = bench_m:counter("bench_d_total", "2 short labels", { "a", "b" })
+        bench_h = bench_m:histogram("bench_d_seconds", "1 label, 15 buckets",
+                                    { "op" }, require("shmprom_bench.update").BUCKETS15)
+    }
+    init_worker_by_lua_block { bench_m:init_worker() }
+    server {
+        listen 127.0.0.1:$port;
+        location = /fill {
+            content_by_lua_block {
+                local F = require "shmprom_bench.fill"
+                local J = require "shmprom_bench.json"
+                local from, to = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_to)
+                ngx.say(J.encode(F.fill_short(bench_c, from, to)))
+            }
+        }
+        location = /fillh {
+            content_by_lua_block {
+                local J = require "shmprom_bench.json"
+                local n = tonumber(ngx.var.arg_n)
+                local failed = 0
+                for i = 1, n do
+                    local ok = bench_h:observe(0.01, { string.format("%x", i) })
+                    if not ok then failed = failed + 1 end
+                end
+                ngx.say(J.encode({ failed = failed }))
+            }
+        }
+        location = /metrics { content_by_lua_block { bench_m:collect() } }
+    }
+}
+EOC
+    my $nx = nginx_start(name => "d-$size", conf => $conf, ready => "http://127.0.0.1:$port/metrics",
+                         workers => 2);
+    my $v0 = self_metrics($port);
+    my $zone = bytes_of($size);
+    my $n = $N;
+    my $r1 = http_get_json("http://127.0.0.1:$port/fill?from=0&to=" . ($n - 1), 120);
+    $n = $r1->{created};
+    my $v1 = self_metrics($port);
+    my $hr = http_get_json("http://127.0.0.1:$port/fillh?n=$NH", 120);
+    my $v2 = self_metrics($port);
+    # fill until refused
+    my $r2 = http_get_json("http://127.0.0.1:$port/fill?from=$n&to=100000000", 600);
+    my $v3 = self_metrics($port);
+    nginx_stop($nx);
+    my $per_used = ($v1->{used} - $v0->{used}) / $n;
+    my $per_h = $hr->{failed} ? undef : ($v2->{used} - $v1->{used}) / $NH;
+    my $per_cap = $zone / $v0->{series_capacity};
+    # label sets held when the first one was refused: the counters and the
+    # histogram series that got in
+    my $stored = ($v3->{series} // ($n + $r2->{created})) + ($NH - $hr->{failed});
+    my $per_stored = $zone / $stored;
+    my $limit = 64;
+    my $verdict = sub {
+        my ($x) = @_;
+        return $x <= $limit ? 'met' : sprintf('MISSED by %.0f B (%.0f%%)', $x - $limit, 100 * ($x - $limit) / $limit);
+    };
+    push @rows, [ $size, $v0->{planes}, fmt_num($n, 9), sprintf('%.1f', $per_used), $verdict->($per_used),
+                  fmt_num($v0->{series_capacity}, 9), sprintf('%.1f', $per_cap), $verdict->($per_cap),
+                  fmt_num($stored, 9), sprintf('%.1f', $per_stored),
+                  defined $per_h ? sprintf('%.0f', $per_h) : 'refused' ];
+    $summary{"$size used"} = $per_used;
+    $summary{"$size capacity"} = $per_cap;
+    logmsg sprintf('(d) %s: %.1f B/series used, %.1f B/series by capacity, %s stored',
+                   $size, $per_used, $per_cap, $stored);
+    $summary{"$size refused_err"} = $r2->{err} // '';
+    if ($size eq '32m') {
+        add_target('d-used', '(d) zone bytes per counter series (2 workers, 2 short labels): used delta / N',
+                   '<= 64 B', sprintf('%.1f B (zone %s)', $per_used, $size), $verdict->($per_used));
+        add_target('d-capacity', '(d) zone bytes per counter series: zone size / series capacity',
+                   '<= 64 B', sprintf('%.1f B (zone %s: capacity %s series)', $per_cap, $size,
+                                      fmt_num($v0->{series_capacity})), $verdict->($per_cap));
+    }
+}
+
+my $md = "## (d) Zone bytes per series\n\n";
+$md .= "nginx with 2 workers, `shmprom.new{ zone = \"bench_d\", size = SIZE }` (planes default: "
+     . "2 x workers = 4 per-worker planes + the shared plane). **used delta / N**: "
+     . "`shmprom_zone_bytes{type=\"used\"}` before and after creating N counter series "
+     . "`bench_d_total{a,b}` with 2 short label values (hex, up to 3 characters each: "
+     . "`{a=\"fff\",b=\"18\"}`). **zone / capacity**: the zone size over "
+     . "`shmprom_series_capacity` (read before filling). Then the zone is filled until the first "
+     . "series is refused: **stored** = label sets actually held then (the counters plus the "
+     . "10k histogram series of 1 label and 15 buckets, measured by their own used delta, that "
+     . "went in before; the table's slots are the limit, one per label set). Target: 64 B or less per counter series.\n\n";
+$md .= md_table([ 'zone', 'worker planes (+ shared)', 'N', 'used delta / N (B)', 'target', 'series_capacity',
+                  'zone / capacity (B)', 'target', 'stored until refused', 'zone / stored (B)',
+                  'histogram series, 15 buckets (B)' ], @rows);
+$md .= "\nPeer (nginx-lua-prometheus) **from anchors.md**: about 384 B per counter series, 500 B "
+     . "per histogram series; a 10 MB dict holds about 21k series.\n\n";
+write_fragment('d', $md);

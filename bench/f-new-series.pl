@@ -1,0 +1,253 @@
+#!/usr/bin/env perl
+# Bench (f): creating 10k new label sets under load; the longest stall of
+# any worker.
+#
+# One nginx (2 workers). Every request to /p/<id> records, in log_by_lua,
+# a counter {path, status} and a histogram {path} (19 buckets) through
+# labels() handles cached per path. A stall detector in each worker (a 1 ms
+# ngx.timer.every, bench/lua/shmprom_bench/stall.lua) records the longest
+# gap between its ticks during each run. Modes, alternating:
+#   old    wrk cycles over 10k paths whose series exist (baseline)
+#   new    the same, but each wrk thread first sends 5k paths never seen: 10k
+#          new label sets (10k counter + 10k histogram series) created by
+#          the traffic at the start of the run
+#   batch  the old load, plus one request that creates 10k new histogram
+#          label sets in one loop (the worker running it is blocked for the
+#          loop: that is its stall)
+
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/lib";
+use Bench qw($REPO $WORK $QUICK $MODULES $USER_LINE free_ports nginx_start
+             nginx_stop http_get http_get_json wrk_run median minmax fmt_num
+             md_table write_fragment spew slurp lua_paths logmsg spawn_child
+             wait_child add_target $OUT);
+use Time::HiRes qw(time sleep);
+
+my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
+my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
+my @MODES = qw(old new batch);
+my $NEW = 10_000;
+my $TARGET = 10;    # ms
+
+my ($port, $cport) = free_ports(2);
+my $paths = lua_paths();
+my $conf = <<"EOC";
+load_module $MODULES/ndk_http_module.so;
+load_module $MODULES/ngx_http_lua_module.so;
+$USER_LINE
+worker_processes 2;
+pid \$PREFIX/logs/nginx.pid;
+error_log \$PREFIX/logs/error.log notice;
+events { worker_connections 1024; }
+http {
+    $paths
+    access_log off;
+    lua_shared_dict stall 1m;
+    init_by_lua_block {
+        local shmprom = require "resty.shmprom"
+        local F = require "shmprom_bench.fill"
+        bench_m = shmprom.new{ zone = "bench_f", size = "512m" }
+        bench_c = bench_m:counter("bench_f_requests_total", "Requests",
+                                  { "path", "status" })
+        bench_h = bench_m:histogram("bench_f_duration_seconds", "Latency",
+                                    { "path" }, F.BUCKETS19)
+        by_path = {}
+    }
+    init_worker_by_lua_block {
+        bench_m:init_worker()
+        require("shmprom_bench.stall").start("stall", 0.001)
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location /p/ {
+            return 200 "hello\\n";
+            log_by_lua_block {
+                local path = ngx.var.uri
+                local s = by_path[path]
+                if not s then
+                    s = { c = bench_c:labels(path, ngx.status),
+                          h = bench_h:labels(path) }
+                    by_path[path] = s
+                end
+                s.c:inc(1)
+                s.h:observe(ngx.now() - ngx.req.start_time())
+            }
+        }
+    }
+    server {
+        listen 127.0.0.1:$cport;
+        location = /stall/reset {
+            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
+        }
+        location = /stall/read {
+            content_by_lua_block {
+                ngx.say(require("shmprom_bench.json").encode(
+                    require("shmprom_bench.stall").read()))
+            }
+        }
+        location = /batch {
+            content_by_lua_block {
+                local F = require "shmprom_bench.fill"
+                local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
+                local t0, c0 = F.mono_ns(), F.cpu_ns()
+                local failed = 0
+                for i = base, base + n - 1 do
+                    local ok = bench_h:observe(0.01, { "/b/" .. i })
+                    if not ok then failed = failed + 1 end
+                end
+                local ms = (F.mono_ns() - t0) / 1e6
+                local cpu_ms = (F.cpu_ns() - c0) / 1e6
+                ngx.say(require("shmprom_bench.json").encode({ ms = ms,
+                    cpu_ms = cpu_ms, failed = failed, worker = ngx.worker.id() }))
+            }
+        }
+        location = /metrics { content_by_lua_block { bench_m:collect() } }
+    }
+}
+EOC
+
+my $nx = nginx_start(name => 'f-new-series', conf => $conf, ready => "http://127.0.0.1:$cport/metrics",
+                     workers => 2);
+my $script = "$FindBin::Bin/wrk/paths.lua";
+my $url = "http://127.0.0.1:$port/";
+# warm-up: the 10k old paths exist in the zone and in both workers' caches
+wrk_run(url => $url, threads => 2, conns => 50, secs => $QUICK ? 2 : 3, script => $script, args => ['old']);
+sleep 0.5;
+
+my %runs;
+my $gen = 0;
+for my $r (0 .. $ROUNDS - 1) {
+    my @order = (@MODES[$r % @MODES .. $#MODES], @MODES[0 .. $r % @MODES - 1]);
+    for my $mode (@order) {
+        $gen++;
+        http_get("http://127.0.0.1:$cport/stall/reset", 5);
+        sleep 0.05;
+        my @args = $mode eq 'new' ? ('new', 1_000_000 * $gen, $NEW / 2) : ('old');
+        my $batch_pid;
+        my $bfile = "$WORK/f-batch-$gen.json";
+        if ($mode eq 'batch') {
+            my $base = 1_000_000 * $gen;
+            $batch_pid = spawn_child('batch', sub {
+                sleep 1;
+                http_get("http://127.0.0.1:$cport/batch?base=$base&n=$NEW", 60, $bfile);
+            });
+        }
+        my $res = wrk_run(url => $url, threads => 2, conns => 50, secs => $SECS, latency => 1,
+                          script => $script, args => \@args);
+        if ($batch_pid) {
+            # the batch request ends long before wrk; bounded wait anyway
+            wait_child($batch_pid, 30);
+        }
+        my $stall = http_get_json("http://127.0.0.1:$cport/stall/read", 5);
+        my ($wmax) = sort { $b <=> $a } @{ $stall->{wall} };
+        my ($cmax) = sort { $b <=> $a } @{ $stall->{cpu} };
+        my %rec = (wrk => $res, stall => $stall, wall_max => $wmax, cpu_max => $cmax);
+        if ($mode eq 'batch') {
+            my $bd = eval { JSON::PP->new->decode(slurp($bfile) // '') };
+            die "batch request gave no answer\n" unless $bd;
+            die "batch: $bd->{failed} refused\n" if $bd->{failed};
+            $rec{batch_ms} = $bd->{ms};
+            $rec{batch_cpu_ms} = $bd->{cpu_ms};
+            $rec{batch_worker} = $bd->{worker};
+            # the other worker: the stall the batch did not run in
+            my @others = grep { $_ != $bd->{worker} } 0 .. $#{ $stall->{cpu} };
+            ($rec{other_cpu}) = sort { $b <=> $a } map { $stall->{cpu}[$_] } @others;
+        }
+        $runs{$mode}[$r] = \%rec;
+        logmsg sprintf('(f) round %d %-5s %8.0f req/s p99 %.2f ms max %.1f ms; stall wall %s ms, busy %s ms%s',
+                       $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
+                       join('/', map { sprintf '%.1f', $_ } @{ $stall->{wall} }),
+                       join('/', map { sprintf '%.1f', $_ } @{ $stall->{cpu} }),
+                       $mode eq 'batch' ? sprintf('; batch loop %.1f ms (CPU %.1f ms) in worker %d',
+                                                  $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_worker}) : '');
+    }
+}
+# every new label set went in
+my (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/metrics", 60);
+my ($series_c) = $m =~ /^shmprom_series\{family="bench_f_requests_total"\} (\S+)$/m;
+my ($series_h) = $m =~ /^shmprom_series\{family="bench_f_duration_seconds"\} (\S+)$/m;
+my ($dropped) = 0;
+$dropped += $1 while $m =~ /^shmprom_series_dropped_total\{family="bench_f_[^"]+"\} (\S+)$/mg;
+nginx_stop($nx);
+
+my @rows;
+my %summary;
+for my $mode (@MODES) {
+    my @rs = @{ $runs{$mode} };
+    my (@rr, @pr, @sm);
+    for my $r (0 .. $ROUNDS - 1) {
+        my $b = $runs{old}[$r]{wrk};
+        push @rr, $rs[$r]{wrk}{rps} / $b->{rps};
+        push @pr, $rs[$r]{wrk}{p99} / $b->{p99};
+    }
+    my $busy_med = median(map { $_->{cpu_max} } @rs);
+    my (undef, $busy_worst) = minmax(map { $_->{cpu_max} } @rs);
+    my $wall_med = median(map { $_->{wall_max} } @rs);
+    my (undef, $wall_worst) = minmax(map { $_->{wall_max} } @rs);
+    my $target = '';
+    if ($mode ne 'old') {
+        $target = "<= $TARGET ms (median of runs): " . ($busy_med <= $TARGET ? 'met'
+            : sprintf('MISSED by %.1f ms', $busy_med - $TARGET));
+    }
+    push @rows, [ $mode, fmt_num(median(map { $_->{wrk}{rps} } @rs)),
+                  $mode eq 'old' ? '1 (baseline)' : sprintf('%.3f', median(@rr)),
+                  sprintf('%.2f', 1000 * median(map { $_->{wrk}{p99} } @rs)),
+                  $mode eq 'old' ? '1 (baseline)' : sprintf('%.2f', median(@pr)),
+                  sprintf('%.1f', 1000 * median(map { $_->{wrk}{max} } @rs)),
+                  sprintf('%.1f / %.1f', $busy_med, $busy_worst),
+                  sprintf('%.1f / %.1f', $wall_med, $wall_worst),
+                  $mode eq 'batch' ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set); '
+                                             . 'other worker busy %.1f ms',
+                                             median(map { $_->{batch_ms} } @rs),
+                                             median(map { $_->{batch_cpu_ms} } @rs),
+                                             1000 * median(map { $_->{batch_cpu_ms} } @rs) / $NEW,
+                                             median(map { $_->{other_cpu} } @rs)) : '',
+                  $target ];
+    if ($mode ne 'old') {
+        my @base = map { $_->{cpu_max} } @{ $runs{old} };
+        my (undef, $base_worst) = minmax(@base);
+        add_target("f-$mode", $mode eq 'new'
+                       ? '(f) 10k new label sets created by the traffic under load: longest worker stall'
+                       : '(f) 10k new histogram label sets created in one handler loop under load: longest worker stall',
+                   "<= $TARGET ms",
+                   sprintf('%.1f ms busy, median of %d runs (worst run %.1f; no-creation baseline %.1f, '
+                           . 'worst %.1f; wall gaps up to %.1f ms, preemption included)', $busy_med, $ROUNDS,
+                           $busy_worst, median(@base), $base_worst, $wall_worst),
+                   $busy_med <= $TARGET ? 'met' : sprintf('MISSED by %.1f ms', $busy_med - $TARGET));
+    }
+    $summary{"$mode busy_median"} = $busy_med;
+    $summary{"$mode busy_worst"} = $busy_worst;
+    $summary{"$mode wall_worst"} = $wall_worst;
+    $summary{"$mode batch_ms"} = median(map { $_->{batch_ms} } @rs) if $mode eq 'batch';
+}
+
+my $cmd = $runs{old}[0]{wrk}{cmd};
+$cmd =~ s/:\d+\//:PORT\//;
+$cmd =~ s/\Q$REPO\E\///;
+my $md = "## (f) Creating 10k new label sets under load\n\n";
+$md .= "One nginx, 2 workers, zone 512m. Each request to `/p/ID` records, in log_by_lua, "
+     . "`bench_f_requests_total{path,status}` and `bench_f_duration_seconds{path}` (19 buckets) "
+     . "through labels() handles cached per path. Stall detector: a 1 ms `ngx.timer.every` per "
+     . "worker records the longest gap between two ticks in each run (bench/lua/shmprom_bench/"
+     . "stall.lua): **busy stall** = by the worker's thread CPU clock (the longest stretch its "
+     . "event loop ran without getting back to its timers), **wall gap** = by the monotonic "
+     . "clock (also counts time the worker was preempted: this 2-core machine runs wrk, both "
+     . "workers and other engineers' jobs); the longest of any worker, ms. "
+     . "Load: `$cmd` (old: 10k existing paths), `... -- new BASE 5000` (each of the 2 threads "
+     . "first sends 5,000 new paths: 10k new label sets = 10k counter + 10k histogram series, "
+     . "then the old paths), batch: the old load plus, 1 s in, one request whose handler creates "
+     . "10k new histogram label sets in a loop (`h:observe(0.01, { \"/b/\" .. i })`). "
+     . "$ROUNDS rounds, modes rotated, ${SECS}s each; ratios against the old run of the same "
+     . "round. The target is judged on the median over runs of each run's longest busy stall "
+     . "(the worst run is shown beside it: on this shared machine a run disturbed by other "
+     . "jobs shows in the baseline too).\n\n";
+$md .= md_table([ 'mode', 'req/s', 'req/s ratio', 'p99 ms', 'p99 ratio', 'max latency ms',
+                  'busy stall ms (median / worst run)', 'wall gap ms (median / worst run)', 'batch',
+                  'target (busy stall)' ], @rows);
+$md .= "\nAfter the runs the zone holds " . fmt_num($series_c // 0) . " counter and "
+     . fmt_num($series_h // 0) . " histogram label sets; " . fmt_num($dropped) . " refused.\n\n";
+$md .= "Peer (nginx-lua-prometheus) **from anchors.md**: creating 10k new histogram label sets "
+     . "blocked a worker for about 1.1 s.\n\n";
+write_fragment('f', $md);
