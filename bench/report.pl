@@ -149,8 +149,9 @@ $md .= "## Running them\n\n"
 if (defined(my $prev = slurp($results))) {
     for my $sec ('Soak', 'Valgrind') {
         if ($prev =~ /^(## \Q$sec\E\n.*?)(?=^## |\z)/ms) {
+            my $section = $1;
             $md .= "\n" unless $md =~ /\n\n\z/;
-            $md .= $1;
+            $md .= $section;
         }
     }
 }
