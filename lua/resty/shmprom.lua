@@ -781,36 +781,30 @@ function Gauge:set(v, lv)
     return true
 end
 
---- gauge:inc(value?, label_values?) -> true | nil, err
-function Gauge:inc(v, lv)
+-- gauge:inc and gauge:dec: sign 1 or -1.
+local function gauge_step(self, v, lv, sign, what)
     if v == nil then
         v = 1
     elseif not check_finite(v) then
-        return bad(self, ERR_BAD_VALUE, "gauge increment must be a finite "
-                   .. "number, got " .. tostring(v))
+        return bad(self, ERR_BAD_VALUE, "gauge " .. what .. " must be a "
+                   .. "finite number, got " .. tostring(v))
     end
     local idx, err = series(self, lv)
     if not idx then
         return nil, err
     end
-    gauge_add(self, idx, v)
+    gauge_add(self, idx, sign * v)
     return true
+end
+
+--- gauge:inc(value?, label_values?) -> true | nil, err
+function Gauge:inc(v, lv)
+    return gauge_step(self, v, lv, 1, "increment")
 end
 
 --- gauge:dec(value?, label_values?) -> true | nil, err
 function Gauge:dec(v, lv)
-    if v == nil then
-        v = 1
-    elseif not check_finite(v) then
-        return bad(self, ERR_BAD_VALUE, "gauge decrement must be a finite "
-                   .. "number, got " .. tostring(v))
-    end
-    local idx, err = series(self, lv)
-    if not idx then
-        return nil, err
-    end
-    gauge_add(self, idx, -v)
-    return true
+    return gauge_step(self, v, lv, -1, "decrement")
 end
 
 --- histogram:observe(value, label_values?) -> true | nil, err
