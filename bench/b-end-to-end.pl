@@ -517,6 +517,9 @@ if ($only eq 'all' || $only eq 'gateway') {
     $md .= md_table([ 'config', 'what', 'req/s (median)', 'req/s range', 'worker CPU us/req',
                       'p99 ms', 'errors' ], per_config_rows($runs, [qw(gateway gateway_nometrics)], \%gdesc));
     $md .= "\n";
+    $md .= "Ratios: per round against the other gateway's run of the same round, median of "
+         . "the rounds (so not the ratio of the medians above); CPU ratio = no-metrics CPU/req / "
+         . "preset CPU/req.\n\n";
     my @rr = ratio_rows($runs, [ [ 'gateway', 'gateway_nometrics', 0.95, 0.95 ] ]);
     $md .= md_table([ 'pair', 'req/s ratio', 'range', 'target', 'CPU/req ratio', 'CPU target' ], @rr);
     $summary{$_->[0]} = $_->[1] for @rr;
