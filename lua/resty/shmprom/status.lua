@@ -394,23 +394,30 @@ H.dfs_gateway_requests_total = function(s, st)
     end
 end
 
-H.dfs_gateway_request_duration_seconds_bucket = function(s, st)
-    local l = s.labels
-    if l.le then
-        local h = entry(st.ops, l.op or "other", new_op).duration
-        add(h.buckets, l.le, s.value)
+-- The _bucket, _count and _sum handlers of a duration histogram kept per
+-- op or per node: st[tbl][label value].duration.
+local function duration_handlers(prefix, tbl, label, default, new)
+    local function dur(s, st)
+        return entry(st[tbl], s.labels[label] or default, new).duration
+    end
+    H[prefix .. "_bucket"] = function(s, st)
+        local le = s.labels.le
+        if le then
+            add(dur(s, st).buckets, le, s.value)
+        end
+    end
+    H[prefix .. "_count"] = function(s, st)
+        local h = dur(s, st)
+        h.count = h.count + s.value
+    end
+    H[prefix .. "_sum"] = function(s, st)
+        local h = dur(s, st)
+        h.sum = h.sum + s.value
     end
 end
 
-H.dfs_gateway_request_duration_seconds_count = function(s, st)
-    local h = entry(st.ops, s.labels.op or "other", new_op).duration
-    h.count = h.count + s.value
-end
-
-H.dfs_gateway_request_duration_seconds_sum = function(s, st)
-    local h = entry(st.ops, s.labels.op or "other", new_op).duration
-    h.sum = h.sum + s.value
-end
+duration_handlers("dfs_gateway_request_duration_seconds", "ops", "op", "other",
+                  new_op)
 
 H.dfs_gateway_received_bytes_total = function(s, st)
     local op = entry(st.ops, s.labels.op or "other", new_op)
@@ -446,23 +453,8 @@ H.dfs_gateway_upstream_retries_total = function(s, st)
     node.retries = node.retries + s.value
 end
 
-H.dfs_gateway_upstream_duration_seconds_bucket = function(s, st)
-    local l = s.labels
-    if l.le then
-        local h = entry(st.nodes, l.node or "-", new_node).duration
-        add(h.buckets, l.le, s.value)
-    end
-end
-
-H.dfs_gateway_upstream_duration_seconds_count = function(s, st)
-    local h = entry(st.nodes, s.labels.node or "-", new_node).duration
-    h.count = h.count + s.value
-end
-
-H.dfs_gateway_upstream_duration_seconds_sum = function(s, st)
-    local h = entry(st.nodes, s.labels.node or "-", new_node).duration
-    h.sum = h.sum + s.value
-end
+duration_handlers("dfs_gateway_upstream_duration_seconds", "nodes", "node",
+                  "-", new_node)
 
 H.dfs_gateway_node_up = function(s, st)
     local node = entry(st.nodes, s.labels.node or "-", new_node)
