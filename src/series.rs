@@ -1,12 +1,19 @@
 //! The lock-free label-set table: open addressing over fixed slots in the
-//! zone, keys in a bump arena, value cells allocated once per series and
-//! reused after the series is deleted.
+//! zone, key records in chains of fixed-size blocks, value cells allocated
+//! per series and reused after the series is deleted.
+//!
+//! Every key record is a chain of 24-byte blocks taken from one pool, so a
+//! block given back by any series can serve any other, whatever the length
+//! of their keys: the pool cannot fragment. Cells are given back per width
+//! (a counter's 1, a histogram's buckets + 2) on free lists of their own.
 //!
 //! A slot moves EMPTY -> CLAIMED -> TENTATIVE -> READY, and READY -> DEAD
-//! when the series is deleted. A slot never becomes EMPTY again, so probe
-//! chains never break. A new series goes into the first reusable DEAD slot
-//! of its chain, or else the EMPTY slot that ends it; it keeps the dead
-//! series' key record and cells when they fit.
+//! when the series is deleted. A new series goes into the first reusable
+//! DEAD slot of its chain, or else the EMPTY slot that ends it; it keeps
+//! the dead series' key blocks and cells when they fit. When the zone runs
+//! out of room, `clean` turns dead slots that no live chain passes through
+//! back to EMPTY (marking them CLEANING while it checks), and gives the
+//! key blocks and cells of every reusable dead slot back to the pools.
 //!
 //! Because two processes inserting the same key may pick different slots
 //! (one a DEAD slot, one the EMPTY end), a new series is published
@@ -38,7 +45,14 @@ const NONE: u32 = u32::MAX;
 /// Record tag bit: the record's series is dead; low bits: when (seconds).
 const DEAD_TAG: u32 = 0x8000_0000;
 /// Key record header: tag (family or DEAD_TAG|secs), len|cap, width.
-const REC_HDR: u64 = 12;
+/// Bytes of one key block.
+pub const BLOCK: u64 = 24;
+/// Key bytes in a record's first block (after next, tag and meta words).
+const FIRST_KEY: usize = 12;
+/// Key bytes in each further block (after the next word).
+const MORE_KEY: usize = 20;
+/// Free-list heads for cells, one per width in use.
+pub const CELL_LISTS: usize = 16;
 
 /// Seconds a deleted series' slot, key record and cells wait before reuse.
 /// The default of [`Table::grace`].
@@ -113,9 +127,17 @@ impl Arena<'_> {
     /// Reserves `len` bytes aligned to `align` (a power of two); returns the
     /// offset, or None when the arena cannot hold them.
     pub fn alloc(&self, len: u64, align: u64) -> Option<u64> {
+        debug_assert!(align.is_power_of_two());
+        self.alloc_at_multiple(len, align)
+    }
+
+    /// Reserves `len` bytes at an offset that is a multiple of `unit` (any
+    /// unit: key blocks are 24 bytes and sit at multiples of 24, whatever
+    /// else the arena holds, such as family strings).
+    pub fn alloc_at_multiple(&self, len: u64, unit: u64) -> Option<u64> {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            let start = (cur + align - 1) & !(align - 1);
+            let start = cur.div_ceil(unit) * unit;
             let end = start.checked_add(len)?;
             if end > self.cap {
                 return None;
@@ -140,10 +162,25 @@ impl Arena<'_> {
     }
 }
 
-/// Zeroes cells of a reused series in every plane.
+/// The value cells behind the table.
 pub trait CellStore {
     /// Sets `width` cells from `cell` to zero in every plane.
     fn zero(&self, cell: u32, width: u32);
+    /// A word that links free runs of cells: the shared plane's cell
+    /// `cell`, unused while the run is free. Always the std atomic (under
+    /// loom too): it lives in the zone's plain memory.
+    fn link(&self, cell: u32) -> &std::sync::atomic::AtomicU64;
+}
+
+/// Heads of the free lists: key blocks, and cells per width.
+pub struct FreeLists<'a> {
+    /// Free key blocks: (tag << 32) | (block + 1), 0 for empty; the tag
+    /// keeps a pop from mistaking a recycled head (ABA).
+    pub blocks: &'a AtomicU64,
+    /// Free cell runs, one list per width, heads as for `blocks`.
+    pub cells: &'a [AtomicU64],
+    /// The width each cell list holds (0: not yet taken).
+    pub widths: &'a [AtomicU32],
 }
 
 /// A view of the table inside a zone (or, in tests, inside heap memory).
@@ -161,28 +198,30 @@ pub struct Table<'a> {
     /// Seconds a deleted series waits before its slot is reused
     /// ([`REUSE_GRACE_SECS`] unless the zone says otherwise).
     pub grace: u32,
-    /// Free key records by size class (capacity 8 << class bytes): a
-    /// reused slot whose record is too small for the new key gives it back
-    /// here. Each head is (tag << 32) | (offset + 1), 0 for empty; the tag
-    /// keeps a pop from mistaking a recycled head (ABA).
-    pub rec_free: &'a [AtomicU64],
+    /// Key blocks and cells given back for reuse.
+    pub free: FreeLists<'a>,
 }
 
-/// Size classes of key records: capacities 8, 16, ... 16384 bytes.
-pub const REC_CLASSES: usize = 12;
-
-/// The size class whose capacity holds `len` key bytes.
-fn rec_class(len: usize) -> usize {
-    let cap = len.max(8).next_power_of_two();
-    cap.trailing_zeros() as usize - 3
+/// Blocks a key record of `len` bytes takes.
+pub fn blocks_for(len: usize) -> u32 {
+    if len <= FIRST_KEY {
+        1
+    } else {
+        1 + (len - FIRST_KEY).div_ceil(MORE_KEY) as u32
+    }
 }
 
-/// A live series found while iterating the table.
-pub struct SeriesRef<'k> {
+/// A live series found while iterating the table. Its key bytes are read
+/// with [`Table::read_key`].
+#[derive(Clone, Copy, Debug)]
+pub struct SeriesRef {
     pub slot: usize,
     pub family: u32,
-    pub key: &'k [u8],
     pub cell: u32,
+    /// First block of the key record.
+    rec: u32,
+    /// Key length in bytes.
+    len: u32,
 }
 
 /// Hashes a family id and encoded key (64-bit multiply-xorshift mix).
@@ -213,7 +252,6 @@ pub fn hash_key(family: u32, key: &[u8]) -> u64 {
 struct Rec {
     tag: u32,
     len: u32,
-    cap: u32,
     width: u32,
 }
 
@@ -229,57 +267,131 @@ impl<'a> Table<'a> {
         self.slots.len() as u64 * 15 / 16
     }
 
-    /// The record's tag word. Always the std atomic, even under loom: it
-    /// lives in the arena's plain memory (loom's atomics cannot).
-    fn tag(&self, off: u32) -> &std::sync::atomic::AtomicU32 {
-        // SAFETY: `off` is the offset of a record allocated 4-aligned with a
-        // 12-byte header inside the arena; its first word is only accessed
-        // atomically.
-        unsafe { &*(self.keys.at(off as u64) as *const std::sync::atomic::AtomicU32) }
+    /// Blocks in the key pool.
+    fn nblocks(&self) -> u32 {
+        (self.keys.cap / BLOCK).min((NONE - 1) as u64) as u32
     }
 
-    /// Reads the fixed part of the record at `off`.
+    /// Pointer to block `b`.
     ///
     /// # Safety
-    /// `off` must come from a slot whose state (not EMPTY or CLAIMED) was
+    /// `b` must be below `nblocks()`.
+    unsafe fn block(&self, b: u32) -> *mut u8 {
+        // SAFETY: b < nblocks keeps the block inside the arena.
+        unsafe { self.keys.at(b as u64 * BLOCK) }
+    }
+
+    /// A block's first word: 1 + the next block of its chain (0: the
+    /// end), or of its free list while it is free. Always the std atomic,
+    /// even under loom: it lives in the arena's plain memory.
+    fn next(&self, b: u32) -> &std::sync::atomic::AtomicU32 {
+        debug_assert!(b < self.nblocks());
+        // SAFETY: b < nblocks (every caller checks or got b from the
+        // pool); blocks are 8-aligned and their first word is only
+        // accessed atomically.
+        unsafe { &*(self.block(b) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    /// The record's tag word (family id, or DEAD_TAG | seconds).
+    fn tag(&self, b: u32) -> &std::sync::atomic::AtomicU32 {
+        debug_assert!(b < self.nblocks());
+        // SAFETY: as for `next`; the second word of a first block is only
+        // accessed atomically.
+        unsafe { &*(self.block(b).add(4) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    /// Reads the fixed part of the record starting at block `b`.
+    ///
+    /// # Safety
+    /// `b` must come from a slot whose state (not EMPTY or CLAIMED) was
     /// loaded with acquire ordering: the record is then written.
-    unsafe fn rec(&self, off: u32) -> Rec {
-        // SAFETY: per the contract, 12 header bytes at `off`, written before
-        // the slot's publishing store.
-        unsafe {
-            let p = self.keys.at(off as u64);
-            let meta = (p.add(4) as *const u32).read_unaligned();
-            Rec {
-                tag: self.tag(off).load(Ordering::Acquire),
-                len: meta & 0xffff,
-                cap: (meta >> 16) * 8,
-                width: (p.add(8) as *const u32).read_unaligned(),
-            }
+    unsafe fn rec(&self, b: u32) -> Rec {
+        // SAFETY: per the contract, b is a first block inside the pool,
+        // written before the slot's publishing store.
+        let meta = unsafe { (self.block(b).add(8) as *const u32).read() };
+        Rec {
+            tag: self.tag(b).load(Ordering::Acquire),
+            len: meta & 0xffff,
+            width: meta >> 16,
         }
     }
 
-    /// Reads the key bytes of the record at `off`.
+    /// Calls `f` with each piece of the key of `len` bytes whose record
+    /// starts at block `b`, in order, until it returns false. Returns false
+    /// if the chain ended early or left the pool (a record torn by reuse).
     ///
     /// # Safety
     /// As for `rec`.
-    unsafe fn key_bytes(&self, off: u32, len: u32) -> &'a [u8] {
-        // SAFETY: per the contract the record holds `len` key bytes after
-        // its header, inside the arena.
-        unsafe { std::slice::from_raw_parts(self.keys.at(off as u64 + REC_HDR), len as usize) }
+    unsafe fn walk_key(&self, b: u32, len: u32, mut f: impl FnMut(&[u8]) -> bool) -> bool {
+        let n = self.nblocks();
+        let mut left = len as usize;
+        let mut cur = b;
+        let mut first = true;
+        loop {
+            if cur >= n {
+                return false;
+            }
+            let (skip, room) = if first {
+                (12, FIRST_KEY)
+            } else {
+                (4, MORE_KEY)
+            };
+            let take = left.min(room);
+            // SAFETY: cur < nblocks; the piece lies inside the block.
+            let piece =
+                unsafe { std::slice::from_raw_parts(self.block(cur).add(skip) as *const u8, take) };
+            if !f(piece) {
+                return true;
+            }
+            left -= take;
+            if left == 0 {
+                return true;
+            }
+            cur = self
+                .next(cur)
+                .load(std::sync::atomic::Ordering::Acquire)
+                .wrapping_sub(1);
+            first = false;
+        }
+    }
+
+    /// Appends the key bytes of a live series to `out` (cleared first).
+    /// False if the record changed under the reader (the series was
+    /// deleted and its room reused meanwhile): skip it.
+    pub fn read_key(&self, s: &SeriesRef, out: &mut Vec<u8>) -> bool {
+        out.clear();
+        // SAFETY: `s` came from `get`, which loaded READY with acquire.
+        let whole = unsafe {
+            self.walk_key(s.rec, s.len, |p| {
+                out.extend_from_slice(p);
+                true
+            })
+        };
+        whole && out.len() == s.len as usize && self.tag(s.rec).load(Ordering::Acquire) == s.family
     }
 
     /// Whether slot's published record is (family, key).
     fn key_eq(&self, slot: &Slot, family: u32, key: &[u8]) -> bool {
-        let off = slot.rec_off();
-        if off == NONE {
+        let b = slot.rec_off();
+        if b == NONE || b >= self.nblocks() {
             return false;
         }
         // SAFETY: the caller loaded a TENTATIVE or READY state with acquire.
-        let r = unsafe { self.rec(off) };
+        let r = unsafe { self.rec(b) };
+        if r.tag != family || r.len as usize != key.len() {
+            return false;
+        }
+        let mut at = 0;
+        let mut same = true;
         // SAFETY: as above.
-        r.tag == family
-            && r.len as usize == key.len()
-            && unsafe { self.key_bytes(off, r.len) } == key
+        let whole = unsafe {
+            self.walk_key(b, r.len, |p| {
+                same = key[at..at + p.len()] == *p;
+                at += p.len();
+                same
+            })
+        };
+        whole && same && at == key.len()
     }
 
     /// Waits while a slot is CLAIMED (or TENTATIVE too), returning the
@@ -319,9 +431,10 @@ impl<'a> Table<'a> {
     }
 
     /// Returns dead slots to EMPTY where no live chain passes through them,
-    /// so the table does not fill with dead slots under churn. Their key
-    /// records and cells stay attached for the next series that takes the
-    /// slot. Returns how many slots were freed.
+    /// so the table does not fill with dead slots under churn, and gives
+    /// every reusable dead slot's key blocks and cells back to the pools
+    /// (a full key pool or cell arena gets room from them). Returns how
+    /// many slots and records were freed.
     ///
     /// A slot k is marked CLEANING, then the cluster after it is scanned
     /// (sequentially consistent): a live, tentative or claimed slot whose
@@ -363,6 +476,11 @@ impl<'a> Table<'a> {
                 }
                 j = (j + 1) & mask;
             }
+            // the slot is ours while CLEANING: its record and cells go
+            // back to the pools either way (the grace period is over)
+            if self.detach(slot) {
+                freed += 1;
+            }
             let to = if free { EMPTY } else { w };
             if slot
                 .word
@@ -380,7 +498,7 @@ impl<'a> Table<'a> {
     /// Whether a DEAD slot may take a new series at time `now` (seconds).
     fn reusable(&self, slot: &Slot, now: u32) -> bool {
         let off = slot.rec_off();
-        if off == NONE {
+        if off == NONE || off >= self.nblocks() {
             return true;
         }
         let tag = self.tag(off).load(Ordering::Acquire);
@@ -497,7 +615,6 @@ impl<'a> Table<'a> {
             return Ok(None);
         }
         if expect == EMPTY {
-            // a cleaned slot keeps its old record and cells for reuse
             self.slots_used.fetch_add(1, Ordering::Relaxed);
         } else {
             self.reused.fetch_add(1, Ordering::Relaxed);
@@ -563,7 +680,7 @@ impl<'a> Table<'a> {
     /// Withdraws a TENTATIVE copy that lost: DEAD, reusable at once.
     fn give_way(&self, slot: &Slot, h: u64) {
         let off = slot.rec_off();
-        if off != NONE {
+        if off < self.nblocks() {
             self.tag(off).store(DEAD_TAG, Ordering::Release);
         }
         slot.word
@@ -571,92 +688,180 @@ impl<'a> Table<'a> {
     }
 
     /// Attaches a key record and zeroed cells to a CLAIMED slot, reusing
-    /// what a dead series left when it fits. None when the zone is full.
+    /// what a dead series left: its blocks (as many as the new key needs;
+    /// the rest go back to the pool) and its cells when the width is the
+    /// same (else they go back to their width's list). None when the zone
+    /// has no room: the slot then keeps what it had, consistent.
     fn fill(&self, slot: &Slot, family: u32, key: &[u8], width: u32) -> Option<u32> {
-        let old_off = slot.rec_off();
+        let old_b = slot.rec_off();
         let old_cell = slot.cell_idx();
-        // SAFETY: a DEAD slot's record was published before; we own the slot.
-        let old = (old_off != NONE).then(|| unsafe { self.rec(old_off) });
-        // Secure both the record and the cells before changing the slot: a
-        // slot left with a record whose width is not its cells' would hand
-        // out overlapping cells later.
-        let mut give_back = None;
-        let off = match &old {
-            Some(r) if r.cap as usize >= key.len() => old_off,
-            _ => {
-                let class = rec_class(key.len());
-                let off = match self.rec_pop(class) {
-                    Some(o) => o as u64,
-                    None => {
-                        let off = self.keys.alloc(REC_HDR + (8u64 << class), 4)?;
-                        if off >= (NONE - 1) as u64 {
-                            return None;
-                        }
-                        off
+        let old = (old_b != NONE && old_b < self.nblocks())
+            // SAFETY: a DEAD slot's record was published before; we own the slot.
+            .then(|| unsafe { self.rec(old_b) });
+        let need = blocks_for(key.len());
+        let have = old.as_ref().map_or(0, |r| blocks_for(r.len as usize));
+        // Secure the extra blocks and the cells before changing anything.
+        let mut extra = NONE; // a private chain of the extra blocks
+        let mut extra_last = NONE;
+        for _ in have..need {
+            match self.block_pop().or_else(|| self.block_bump()) {
+                Some(b) => {
+                    self.next(b)
+                        .store(extra.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+                    if extra == NONE {
+                        extra_last = b;
                     }
-                };
-                // SAFETY: the record is ours alone (just reserved, or just
-                // taken off the free list).
-                unsafe {
-                    let p = self.keys.at(off);
-                    (p.add(4) as *mut u32).write_unaligned((1u32 << class) << 16);
+                    extra = b;
                 }
-                // the dead series' record, too small now, goes back for reuse
-                if let Some(r) = &old {
-                    give_back = Some((rec_class(r.cap as usize), old_off));
+                None => {
+                    if extra != NONE {
+                        self.blocks_push(extra, extra_last);
+                    }
+                    return None;
                 }
-                off as u32
             }
-        };
+        }
         let reuse_cells = matches!(&old, Some(r) if old_cell != NONE && r.width == width);
         let cell = if reuse_cells {
+            self.cells.zero(old_cell, width);
             old_cell
+        } else if let Some(c) = self.cells_pop(width) {
+            self.cells.zero(c, width);
+            c
         } else {
-            // on failure a fresh record stays unused in the arena: the slot
-            // keeps its old record and cells, consistent with each other
-            self.alloc_cells(width)?
+            match self.alloc_cells(width) {
+                Some(c) => c, // never used: still zero
+                None => {
+                    if extra != NONE {
+                        self.blocks_push(extra, extra_last);
+                    }
+                    return None;
+                }
+            }
         };
-        if reuse_cells {
-            self.cells.zero(cell, width);
+        // The chain: the old record's first `need` blocks, then the extra
+        // ones; the old record's surplus goes back to the pool below.
+        let first = if have == 0 { extra } else { old_b };
+        let mut surplus = None;
+        if have > 0 {
+            let mut b = old_b;
+            for _ in 1..have.min(need) {
+                b = self
+                    .next(b)
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .wrapping_sub(1);
+            }
+            if have > need {
+                let rest = self
+                    .next(b)
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .wrapping_sub(1);
+                let mut last = rest;
+                for _ in need + 1..have {
+                    last = self
+                        .next(last)
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .wrapping_sub(1);
+                }
+                surplus = Some((rest, last));
+                self.next(b).store(0, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                self.next(b)
+                    .store(extra.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+            }
         }
         slot.set_cell_idx(cell);
-        // SAFETY: the record at `off` is ours (a fresh one, or the dead
-        // series' whose slot we claimed); nobody reads it before our
-        // TENTATIVE store, but for readers that loaded the old DEAD state,
-        // who read only the atomic tag.
-        unsafe {
-            let p = self.keys.at(off as u64);
-            let meta = (p.add(4) as *const u32).read_unaligned() & 0xffff_0000;
-            (p.add(4) as *mut u32).write_unaligned(meta | key.len() as u32);
-            (p.add(8) as *mut u32).write_unaligned(width);
-            std::ptr::copy_nonoverlapping(key.as_ptr(), p.add(REC_HDR as usize), key.len());
+        // Write the header and the key along the chain. The blocks are
+        // ours: fresh or popped ones, or the dead series' whose slot we
+        // claimed; nobody reads them before our TENTATIVE store but for
+        // readers that loaded the old DEAD state, who read only the tag.
+        let mut b = first;
+        let mut rest = key;
+        let mut at_first = true;
+        loop {
+            let (skip, room) = if at_first {
+                (12, FIRST_KEY)
+            } else {
+                (4, MORE_KEY)
+            };
+            let take = rest.len().min(room);
+            // SAFETY: b < nblocks (from the pool or the old record); the
+            // bytes written lie inside the block; the block is ours (above).
+            unsafe {
+                let p = self.block(b);
+                if at_first {
+                    (p.add(8) as *mut u32).write(key.len() as u32 | (width << 16));
+                }
+                std::ptr::copy_nonoverlapping(rest.as_ptr(), p.add(skip), take);
+            }
+            rest = &rest[take..];
+            if rest.is_empty() {
+                break;
+            }
+            b = self
+                .next(b)
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .wrapping_sub(1);
+            at_first = false;
         }
-        self.tag(off).store(family, Ordering::Release);
-        slot.set_rec_off(off);
-        if let Some((class, old_off)) = give_back {
-            // nobody reaches the old record any more: the slot was dead for
-            // the grace period and now points at the new one
-            self.rec_push(class, old_off);
+        self.tag(first).store(family, Ordering::Release);
+        slot.set_rec_off(first);
+        // Nobody reaches the old record's surplus or the old cells any
+        // more: the slot was dead for the grace period and now points at
+        // the new record and cells.
+        if let Some((rest, last)) = surplus {
+            self.blocks_push(rest, last);
+        }
+        if let Some(r) = &old {
+            if old_cell != NONE && !reuse_cells {
+                self.cells_push(r.width, old_cell);
+            }
         }
         Some(cell)
     }
 
-    /// The `next` link of a free record (its width word while it is free).
-    fn rec_next(&self, off: u32) -> &std::sync::atomic::AtomicU32 {
-        // SAFETY: `off` is a record inside the arena, 4-aligned, with a
-        // 12-byte header; its third word is accessed atomically while the
-        // record is on a free list.
-        unsafe { &*(self.keys.at(off as u64 + 8) as *const std::sync::atomic::AtomicU32) }
+    /// Gives a dead slot's key record and cells back to the pools; the
+    /// slot is left with none. The caller owns the slot (CLEANING).
+    fn detach(&self, slot: &Slot) -> bool {
+        let b = slot.rec_off();
+        if b == NONE || b >= self.nblocks() {
+            return false;
+        }
+        // SAFETY: a DEAD slot's record was published before; we own the slot.
+        let r = unsafe { self.rec(b) };
+        let mut last = b;
+        for _ in 1..blocks_for(r.len as usize) {
+            last = self
+                .next(last)
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .wrapping_sub(1);
+        }
+        let cell = slot.cell_idx();
+        slot.key.store(0, Ordering::Relaxed);
+        slot.cell.store(0, Ordering::Relaxed);
+        self.blocks_push(b, last);
+        if cell != NONE {
+            self.cells_push(r.width, cell);
+        }
+        true
     }
 
-    /// Gives record `off` (of `class`) back for reuse.
-    fn rec_push(&self, class: usize, off: u32) {
-        let head = &self.rec_free[class];
+    /// A never used block from the arena.
+    fn block_bump(&self) -> Option<u32> {
+        let off = self.keys.alloc_at_multiple(BLOCK, BLOCK)?;
+        let b = off / BLOCK;
+        (b < self.nblocks() as u64).then_some(b as u32)
+    }
+
+    /// Gives the chain `first` ..= `last` (linked by their next words) back
+    /// to the block pool.
+    fn blocks_push(&self, first: u32, last: u32) {
+        let head = self.free.blocks;
         let mut cur = head.load(Ordering::Acquire);
         loop {
-            self.rec_next(off)
+            self.next(last)
                 .store(cur as u32, std::sync::atomic::Ordering::Relaxed);
-            let new = (((cur >> 32) + 1) << 32) | (off as u64 + 1);
+            let new = (((cur >> 32) + 1) << 32) | (first as u64 + 1);
             match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(now) => cur = now,
@@ -664,22 +869,87 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// Takes a free record of `class`, if any.
-    fn rec_pop(&self, class: usize) -> Option<u32> {
-        let head = &self.rec_free[class];
+    /// Takes one block from the pool, if any; its next word is 0.
+    fn block_pop(&self) -> Option<u32> {
+        let head = self.free.blocks;
         let mut cur = head.load(Ordering::Acquire);
         loop {
-            let first = cur as u32;
-            if first == 0 {
+            let b = (cur as u32).wrapping_sub(1);
+            if b == NONE || b >= self.nblocks() {
                 return None;
             }
-            let off = first - 1;
-            let next = self
-                .rec_next(off)
-                .load(std::sync::atomic::Ordering::Relaxed);
+            // a stale head's block may be in use by now: its word is then
+            // garbage, and the tag makes the exchange fail
+            let next = self.next(b).load(std::sync::atomic::Ordering::Relaxed);
             let new = (((cur >> 32) + 1) << 32) | next as u64;
             match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(off),
+                Ok(_) => {
+                    self.next(b).store(0, std::sync::atomic::Ordering::Relaxed);
+                    return Some(b);
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The cell list for `width`, taking a free head if `create`.
+    fn cell_list(&self, width: u32, create: bool) -> Option<usize> {
+        for (i, w) in self.free.widths.iter().enumerate() {
+            let mut cur = w.load(Ordering::Acquire);
+            if cur == 0 && create {
+                cur = match w.compare_exchange(0, width, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => width,
+                    Err(now) => now,
+                };
+            }
+            if cur == width {
+                return Some(i);
+            }
+            if cur == 0 {
+                return None; // lists are taken in order: no later one has it
+            }
+        }
+        None
+    }
+
+    /// Gives a run of `width` cells back for series of the same width.
+    /// With every list taken by other widths the run stays unused.
+    fn cells_push(&self, width: u32, cell: u32) {
+        let Some(i) = self.cell_list(width, true) else {
+            return;
+        };
+        let head = &self.free.cells[i];
+        let mut cur = head.load(Ordering::Acquire);
+        loop {
+            self.cells
+                .link(cell)
+                .store(cur & 0xffff_ffff, std::sync::atomic::Ordering::Relaxed);
+            let new = (((cur >> 32) + 1) << 32) | (cell as u64 + 1);
+            match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Takes a run of `width` cells given back earlier, if any (not zeroed).
+    fn cells_pop(&self, width: u32) -> Option<u32> {
+        let i = self.cell_list(width, false)?;
+        let head = &self.free.cells[i];
+        let mut cur = head.load(Ordering::Acquire);
+        loop {
+            let c = (cur as u32).wrapping_sub(1);
+            if c == NONE || c as u64 >= self.cells_cap {
+                return None;
+            }
+            let next = self
+                .cells
+                .link(c)
+                .load(std::sync::atomic::Ordering::Relaxed)
+                & 0xffff_ffff;
+            let new = (((cur >> 32) + 1) << 32) | next;
+            match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(c),
                 Err(now) => cur = now,
             }
         }
@@ -722,7 +992,7 @@ impl<'a> Table<'a> {
             return false;
         }
         let off = slot.rec_off();
-        if off != NONE {
+        if off < self.nblocks() {
             // never exactly DEAD_TAG, which means "reusable at once"
             self.tag(off)
                 .store(DEAD_TAG | (now & !DEAD_TAG).max(1), Ordering::Release);
@@ -731,25 +1001,86 @@ impl<'a> Table<'a> {
     }
 
     /// The live series in slot `i`, if it holds one.
-    pub fn get(&self, i: usize) -> Option<SeriesRef<'a>> {
+    pub fn get(&self, i: usize) -> Option<SeriesRef> {
         let slot = &self.slots[i];
         let w = slot.word.load(Ordering::Acquire);
         if state(w) != READY {
             return None;
         }
-        let off = slot.rec_off();
+        let b = slot.rec_off();
+        if b >= self.nblocks() {
+            return None;
+        }
         // SAFETY: READY was loaded with acquire just above.
-        let r = unsafe { self.rec(off) };
+        let r = unsafe { self.rec(b) };
         if r.tag & DEAD_TAG != 0 {
             return None; // deleted since the state load
         }
         Some(SeriesRef {
             slot: i,
             family: r.tag,
-            // SAFETY: as above.
-            key: unsafe { self.key_bytes(off, r.len) },
             cell: slot.cell_idx(),
+            rec: b,
+            len: r.len,
         })
+    }
+
+    /// The blocks of a live series' key record (for the zone check).
+    pub fn record_blocks(&self, s: &SeriesRef) -> Vec<u32> {
+        let mut v = vec![s.rec];
+        let mut b = s.rec;
+        for _ in 1..blocks_for(s.len as usize) {
+            b = self
+                .next(b)
+                .load(std::sync::atomic::Ordering::Acquire)
+                .wrapping_sub(1);
+            if b >= self.nblocks() {
+                break;
+            }
+            v.push(b);
+        }
+        v
+    }
+
+    /// The blocks on the free list, or why the list is broken (a link out
+    /// of the pool, or a cycle). For a quiet zone: the zone check.
+    pub fn free_blocks(&self) -> Result<Vec<u32>, String> {
+        let n = self.nblocks();
+        let mut v = Vec::new();
+        let mut b = (self.free.blocks.load(Ordering::Acquire) as u32).wrapping_sub(1);
+        while b != NONE {
+            if b >= n || v.len() > n as usize {
+                return Err(format!("free key block list broken at {b}"));
+            }
+            v.push(b);
+            b = self
+                .next(b)
+                .load(std::sync::atomic::Ordering::Acquire)
+                .wrapping_sub(1);
+        }
+        Ok(v)
+    }
+
+    /// The free cell runs as (first cell, width), or why a list is broken.
+    pub fn free_cells(&self) -> Result<Vec<(u32, u32)>, String> {
+        let mut v = Vec::new();
+        for (head, w) in self.free.cells.iter().zip(self.free.widths) {
+            let width = w.load(Ordering::Acquire);
+            let mut c = (head.load(Ordering::Acquire) as u32).wrapping_sub(1);
+            while c != NONE {
+                if c as u64 >= self.cells_cap || v.len() as u64 > self.cells_cap {
+                    return Err(format!("free cell list of width {width} broken at {c}"));
+                }
+                v.push((c, width));
+                c = ((self
+                    .cells
+                    .link(c)
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    & 0xffff_ffff) as u32)
+                    .wrapping_sub(1);
+            }
+        }
+        Ok(v)
     }
 
     /// Counts slots by state: (ready, claimed or tentative, dead).
@@ -771,9 +1102,17 @@ impl<'a> Table<'a> {
 mod tests {
     use super::*;
 
-    struct NoCells;
-    impl CellStore for NoCells {
-        fn zero(&self, _: u32, _: u32) {}
+    /// Cells of one plane on the heap (links of free runs live here).
+    struct Cells(Vec<std::sync::atomic::AtomicU64>);
+    impl CellStore for Cells {
+        fn zero(&self, cell: u32, width: u32) {
+            for c in &self.0[cell as usize..(cell + width) as usize] {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+        fn link(&self, cell: u32) -> &std::sync::atomic::AtomicU64 {
+            &self.0[cell as usize]
+        }
     }
 
     struct Mem {
@@ -783,7 +1122,10 @@ mod tests {
         cells: AtomicU64,
         slots_used: AtomicU64,
         reused: AtomicU64,
-        rec_free: Vec<AtomicU64>,
+        store: Cells,
+        blocks_free: AtomicU64,
+        cells_free: Vec<AtomicU64>,
+        cells_free_width: Vec<AtomicU32>,
     }
 
     fn mem(nslots: usize, key_bytes: usize) -> Mem {
@@ -800,7 +1142,10 @@ mod tests {
             cells: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
             reused: AtomicU64::new(0),
-            rec_free: (0..REC_CLASSES).map(|_| AtomicU64::new(0)).collect(),
+            store: Cells((0..1 << 16).map(|_| Default::default()).collect()),
+            blocks_free: AtomicU64::new(0),
+            cells_free: (0..CELL_LISTS).map(|_| AtomicU64::new(0)).collect(),
+            cells_free_width: (0..CELL_LISTS).map(|_| AtomicU32::new(0)).collect(),
         }
     }
 
@@ -817,9 +1162,13 @@ mod tests {
             cells_cap,
             slots_used: &m.slots_used,
             reused: &m.reused,
-            cells: &NoCells,
+            cells: &m.store,
             grace: REUSE_GRACE_SECS,
-            rec_free: &m.rec_free,
+            free: FreeLists {
+                blocks: &m.blocks_free,
+                cells: &m.cells_free,
+                widths: &m.cells_free_width,
+            },
         }
     }
 
@@ -883,19 +1232,23 @@ mod tests {
         let cells = t.cells_used.load(Ordering::Relaxed);
         assert!(cells <= 64, "cells used {cells}");
         let keys = t.keys.used.load(Ordering::Relaxed);
-        assert!(keys <= 64 * (REC_HDR + 8), "key bytes used {keys}");
+        assert!(keys <= 64 * BLOCK, "key bytes used {keys}");
         assert_eq!(t.census().0, 0);
     }
 
     #[test]
-    fn growing_keys_reuse_records() {
-        // keys that grow a size class every few rounds: the records given
-        // back are taken again, the key arena stops growing
-        let mut m = mem(64, 1 << 16);
-        let t = table(&mut m, 1000);
+    fn growing_keys_share_one_pool() {
+        // 10x the table's capacity of label sets whose keys grow from one
+        // block to three and shrink again, in a key pool of 80 blocks (as
+        // many as 60 live slots of one block, plus 20): dead slots' blocks
+        // come back through the pool, so no insert is refused. Widths
+        // change too: cells of a width go back to that width's list.
+        let mut m = mem(64, 80 * BLOCK as usize);
+        let t = table(&mut m, 300);
         let mut now = 100;
         for round in 0..400u32 {
-            let len = 4 + (round / 40) as usize * 3; // 4 .. 31 bytes
+            let len = [8, 20, 40, 5][(round / 100) as usize];
+            let width = 1 + 2 * ((round / 50) % 2);
             let keys: Vec<Vec<u8>> = (0..20u32)
                 .map(|k| {
                     let mut v = vec![b'x'; len];
@@ -904,20 +1257,58 @@ mod tests {
                 })
                 .collect();
             for k in &keys {
-                t.get_or_insert(3, k, 1, now).unwrap();
+                if let Err(e) = t.get_or_insert(3, k, width, now) {
+                    panic!(
+                        "round {round} (key {len} B, width {width}): {e:?}; keys {} of {} B, \
+                         cells {}, census {:?}",
+                        t.keys.used.load(Ordering::Relaxed),
+                        t.keys.cap,
+                        t.cells_used.load(Ordering::Relaxed),
+                        t.census()
+                    );
+                }
             }
             for k in &keys {
                 let i = t.find(3, k).unwrap().unwrap();
+                let s = t.get(i).unwrap();
+                let mut got = Vec::new();
+                assert!(t.read_key(&s, &mut got));
+                assert_eq!(&got, k);
                 assert!(t.kill(i, now));
             }
             now += REUSE_GRACE_SECS;
         }
-        let keys = t.keys.used.load(Ordering::Relaxed);
-        // at most one record per slot per class seen (8, 16, 32 bytes)
-        assert!(
-            keys <= 64 * (3 * REC_HDR + 8 + 16 + 32),
-            "key bytes used {keys}"
-        );
+        assert!(t.keys.used.load(Ordering::Relaxed) <= 80 * BLOCK);
+        // every block is either held by a dead slot or free, never both
+        let free = t.free_blocks().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for b in &free {
+            assert!(seen.insert(*b), "block {b} free twice");
+        }
+    }
+
+    #[test]
+    fn long_keys_round_trip() {
+        let mut m = mem(64, 1 << 20);
+        let t = table(&mut m, 1000);
+        for len in [0, 1, 11, 12, 13, 31, 32, 33, 52, 53, 1000, MAX_KEY_BYTES] {
+            let key: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let (c, new) = t.get_or_insert(9, &key, 2, 0).unwrap();
+            assert!(new);
+            assert_eq!(t.get_or_insert(9, &key, 2, 0).unwrap(), (c, false));
+            let i = t.find(9, &key).unwrap().unwrap();
+            let s = t.get(i).unwrap();
+            assert_eq!(t.record_blocks(&s).len() as u32, blocks_for(len));
+            let mut got = Vec::new();
+            assert!(t.read_key(&s, &mut got));
+            assert_eq!(got, key, "key of {len} bytes");
+            if len > 0 {
+                // same length, last byte differs: another series
+                let mut other = key.clone();
+                *other.last_mut().unwrap() ^= 1;
+                assert_eq!(t.find(9, &other).unwrap(), None);
+            }
+        }
     }
 
     #[test]
@@ -990,19 +1381,31 @@ mod loom_tests {
     use super::*;
     use loom::sync::Arc;
 
-    struct NoCells;
-    impl CellStore for NoCells {
-        fn zero(&self, _: u32, _: u32) {}
+    /// Cells of one plane (std atomics: the zone's plain memory).
+    struct Cells(Vec<std::sync::atomic::AtomicU64>);
+    impl CellStore for Cells {
+        fn zero(&self, cell: u32, width: u32) {
+            for c in &self.0[cell as usize..(cell + width) as usize] {
+                c.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        fn link(&self, cell: u32) -> &std::sync::atomic::AtomicU64 {
+            &self.0[cell as usize]
+        }
     }
 
     struct Mem {
         slots: Vec<Slot>,
         keys: std::cell::UnsafeCell<Vec<u64>>,
+        key_cap: u64,
         used: AtomicU64,
         cells: AtomicU64,
         slots_used: AtomicU64,
         reused: AtomicU64,
-        rec_free: Vec<AtomicU64>,
+        store: Cells,
+        blocks_free: AtomicU64,
+        cells_free: Vec<AtomicU64>,
+        cells_free_width: Vec<AtomicU32>,
     }
     // SAFETY: the key arena is written only in regions reserved by one
     // thread's atomic bump (or a slot it claimed) and read only after the
@@ -1011,7 +1414,12 @@ mod loom_tests {
     unsafe impl Send for Mem {}
 
     fn mem(n: usize) -> Arc<Mem> {
+        mem_with(n, 1024)
+    }
+
+    fn mem_with(n: usize, key_cap: u64) -> Arc<Mem> {
         Arc::new(Mem {
+            key_cap,
             slots: (0..n)
                 .map(|_| Slot {
                     word: AtomicU64::new(0),
@@ -1024,7 +1432,10 @@ mod loom_tests {
             cells: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
             reused: AtomicU64::new(0),
-            rec_free: (0..REC_CLASSES).map(|_| AtomicU64::new(0)).collect(),
+            store: Cells((0..64).map(|_| Default::default()).collect()),
+            blocks_free: AtomicU64::new(0),
+            cells_free: (0..CELL_LISTS).map(|_| AtomicU64::new(0)).collect(),
+            cells_free_width: (0..CELL_LISTS).map(|_| AtomicU32::new(0)).collect(),
         })
     }
 
@@ -1035,16 +1446,20 @@ mod loom_tests {
             slots: &m.slots,
             keys: Arena {
                 base,
-                cap: 1024,
+                cap: m.key_cap,
                 used: &m.used,
             },
             cells_used: &m.cells,
             cells_cap: 64,
             slots_used: &m.slots_used,
             reused: &m.reused,
-            cells: &NoCells,
+            cells: &m.store,
             grace: REUSE_GRACE_SECS,
-            rec_free: &m.rec_free,
+            free: FreeLists {
+                blocks: &m.blocks_free,
+                cells: &m.cells_free,
+                widths: &m.cells_free_width,
+            },
         };
         f(&t)
     }
@@ -1156,6 +1571,53 @@ mod loom_tests {
             with_table(&m, |t| {
                 assert_eq!(t.get_or_insert(1, b"k", 1, 2).unwrap(), (a, false));
                 assert_eq!(t.census().0, 1, "one live copy");
+            });
+        });
+    }
+
+    /// Two inserts of two-block keys into a key pool of four blocks, all
+    /// held by four dead one-block series: each insert takes a dead slot
+    /// and finds the pool empty, so `clean` (in either thread, racing the
+    /// other's fill) must give the other dead slots' blocks back. Both
+    /// succeed, and no block ends up in two places.
+    #[test]
+    fn clean_feeds_pool_under_race() {
+        model(|| {
+            let m = mem_with(16, 4 * BLOCK);
+            with_table(&m, |t| {
+                for k in 0..4u32 {
+                    let key = [b'd', k as u8];
+                    t.get_or_insert(1, &key, 1, 0).unwrap();
+                    let i = t.find(1, &key).unwrap().unwrap();
+                    assert!(t.kill(i, 1));
+                }
+            });
+            let long = |c: u8| [c; FIRST_KEY + 1];
+            let m2 = m.clone();
+            let th = loom::thread::spawn(move || {
+                with_table(&m2, |t| {
+                    t.get_or_insert(1, &long(b'a'), 1, 100).map(|r| r.0)
+                })
+            });
+            let a = with_table(&m, |t| t.get_or_insert(1, &long(b'b'), 1, 100).map(|r| r.0));
+            let b = th.join().unwrap();
+            let (a, b) = (a.expect("insert a"), b.expect("insert b"));
+            assert_ne!(a, b);
+            with_table(&m, |t| {
+                let mut held = std::collections::HashSet::new();
+                for c in [b'a', b'b'] {
+                    let i = t.find(1, &long(c)).unwrap().expect("inserted key found");
+                    let s = t.get(i).unwrap();
+                    let mut k = Vec::new();
+                    assert!(t.read_key(&s, &mut k));
+                    assert_eq!(k, long(c));
+                    for blk in t.record_blocks(&s) {
+                        assert!(held.insert(blk), "block {blk} in two records");
+                    }
+                }
+                for blk in t.free_blocks().unwrap() {
+                    assert!(held.insert(blk), "block {blk} free and held");
+                }
             });
         });
     }

@@ -3,14 +3,14 @@
 //! keeps it across reloads, workers inherit it at fork).
 
 use crate::registry::FamilyRec;
-use crate::series::{Arena, CellStore, Slot, Table};
+use crate::series::{Arena, CellStore, FreeLists, Slot, Table, CELL_LISTS};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
@@ -71,8 +71,11 @@ pub struct Header {
     /// Seconds before a deleted series' room is reused (0: the default).
     pub reuse_grace: AtomicU32,
     _pad1: u32,
-    /// Free key records by size class (see series::Table::rec_free).
-    pub rec_free: [AtomicU64; crate::series::REC_CLASSES],
+    /// Free key blocks (see series::FreeLists).
+    pub blocks_free: AtomicU64,
+    /// Free cell runs per width, and the width of each list.
+    pub cells_free: [AtomicU64; CELL_LISTS],
+    pub cells_free_width: [AtomicU32; CELL_LISTS],
     /// Guards family definition only (never the update path).
     pub define_lock: libc::pthread_mutex_t,
 }
@@ -154,10 +157,11 @@ impl Layout {
         );
         let slots_off = align_up(planes_off + planes as u64 * 64, 64);
         let rest = size - slots_off;
-        // Per series budget: 16 B / (15/16) of slot, ~24 B of key record
-        // (family strings included), 8 B x planes x ~1.25 cells (histograms
-        // need more).
-        let per_series = 17 + 24 + 10 * planes as u64;
+        // Per series budget: 16 B / (15/16) of slot, ~1.25 key blocks of
+        // 24 B (short label values fit one; the pool is shared by all
+        // series, so longer keys borrow from shorter ones), 8 B x planes x
+        // ~1.25 cells (histograms need more).
+        let per_series = 17 + 30 + 10 * planes as u64;
         let want = rest / per_series;
         let mut slots_cap = 1u64;
         while slots_cap * 15 / 16 < want {
@@ -171,7 +175,7 @@ impl Layout {
         }
         let keys_off = align_up(slots_off + slots_cap * 16, 64);
         let after_slots = size - keys_off;
-        let keys_cap = (after_slots * 24 / (24 + 10 * planes as u64)).min(u32::MAX as u64);
+        let keys_cap = (after_slots * 30 / (30 + 10 * planes as u64)).min(u32::MAX as u64);
         let cells_off = align_up(keys_off + keys_cap, 64);
         let cells_cap = (size - cells_off) / (8 * planes as u64);
         if cells_cap < 16 || slots_cap < 16 {
@@ -413,7 +417,11 @@ impl Zone {
                 0 => crate::series::REUSE_GRACE_SECS,
                 g => g,
             },
-            rec_free: &h.rec_free,
+            free: FreeLists {
+                blocks: &h.blocks_free,
+                cells: &h.cells_free,
+                widths: &h.cells_free_width,
+            },
         }
     }
 
@@ -531,6 +539,9 @@ impl CellStore for Zone {
                 self.cell(p, cell as u64 + k).store(0, Ordering::Relaxed);
             }
         }
+    }
+    fn link(&self, cell: u32) -> &AtomicU64 {
+        self.cell(0, cell as u64)
     }
 }
 

@@ -1,6 +1,8 @@
 # Issue 7.5: churn. Ten times a zone's series capacity of distinct label
 # sets, over time, in two zones side by side:
-#  A. each label set created and deleted again with family:del;
+#  A. each label set created and deleted again with family:del; the label
+#     values change length every `capacity` label sets (1, 2, 3 key blocks,
+#     then 1 again), so deleted series' key room must serve longer keys;
 #  B. label sets created and left idle in a zone with `ttl = 1`
 #     (shmprom.new option: series not updated for ttl seconds are removed),
 #     while one series keeps being updated (it must never expire and must
@@ -51,13 +53,15 @@ LUA
     init_worker => "        zd:init_worker()\n        zt:init_worker()",
     server      => <<'NGX',
         # ids from..to: inc, then del; answers "ok refused deleted" and the
-        # first error in X-Err
+        # first error in X-Err; the id's padding changes every `cap` ids
         location = /churn {
             content_by_lua_block {
                 local a, b = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_to)
+                local cap = tonumber(ngx.var.arg_cap) or 1000
+                local pads = { "", string.rep("p", 12), string.rep("q", 30), "" }
                 local good, bad, gone, first = 0, 0, 0, nil
                 for i = a, b do
-                    local lv = { "c" .. i }
+                    local lv = { "c" .. i .. pads[math.floor(i / cap) % 4 + 1] }
                     local ok, err = d_churn:inc(1, lv)
                     if ok then good = good + 1 else bad = bad + 1 first = first or err end
                     ok, err = d_churn:del(lv)
@@ -143,7 +147,7 @@ for my $tick (1 .. int($BUDGET / $TICK) + 1) {
     my $ta = int($rateA * $el) + 1;
     $ta = $wantA if $ta > $wantA;
     if ($ta > $A{done}) {
-        my $r = $n->get("/churn?from=$A{done}&to=" . ($ta - 1));
+        my $r = $n->get("/churn?cap=$capA&from=$A{done}&to=" . ($ta - 1));
         $A{reqs}++;
         my ($g, $b, $d) = ($r->{body} // '') =~ /^(\d+) (\d+) (\d+)/;
         $A{good} += $g // 0; $A{bad} += $b // ($ta - $A{done}); $A{gone} += $d // 0;
@@ -202,7 +206,8 @@ is(metric_value($fb, 't_fixed_total'), $touches, 'B: unlabelled counter exact');
 like(check('t'), qr/^ok\b/, 'B: consistency check: ' . check('t'));
 
 # Zone bytes level off: a slot keeps its key record and cells for the next
-# series, so bytes grow until every slot has been used once, then stay. The
+# series, and key blocks and cells go back to pools, so bytes grow until
+# every slot has been used once with the longest keys, then stay. The
 # last quarter of the samples grows by less than 5 % of the zone, and the
 # zone keeps a quarter of its bytes free.
 my $ZONE_BYTES = 256 * 1024;

@@ -20,7 +20,10 @@
 use shmprom::cells::f64_add;
 use shmprom::expose::{render as render_zone, Format};
 use shmprom::registry::{self, Def, DefineError, Kind, SeriesError, MODE_LIVESUM, MODE_SET};
-use shmprom::series::{Arena, CellStore, Slot, Table, TableError, MAX_KEY_BYTES};
+use shmprom::series::{
+    blocks_for, Arena, CellStore, FreeLists, Slot, Table, TableError, BLOCK, CELL_LISTS,
+    MAX_KEY_BYTES,
+};
 use shmprom::zone::{Zone, MIN_SIZE};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -72,7 +75,9 @@ struct Mem {
     slots_used: AtomicU64,
     reused: AtomicU64,
     cells: Cells,
-    rec_free: Vec<AtomicU64>,
+    blocks_free: AtomicU64,
+    cells_free: Vec<AtomicU64>,
+    cells_free_width: Vec<AtomicU32>,
 }
 
 /// The cells of the heap table (one plane): the table zeroes a reused
@@ -85,6 +90,9 @@ impl CellStore for Cells {
         for c in &self.0[cell as usize..(cell + width) as usize] {
             c.store(0, Ordering::Relaxed);
         }
+    }
+    fn link(&self, cell: u32) -> &AtomicU64 {
+        &self.0[cell as usize]
     }
 }
 
@@ -103,9 +111,9 @@ fn mem(nslots: usize, key_bytes: usize, cells_cap: u64) -> Mem {
         slots_used: AtomicU64::new(0),
         reused: AtomicU64::new(0),
         cells: Cells((0..cells_cap).map(|_| AtomicU64::new(0)).collect()),
-        rec_free: (0..shmprom::series::REC_CLASSES)
-            .map(|_| AtomicU64::new(0))
-            .collect(),
+        blocks_free: AtomicU64::new(0),
+        cells_free: (0..CELL_LISTS).map(|_| AtomicU64::new(0)).collect(),
+        cells_free_width: (0..CELL_LISTS).map(|_| AtomicU32::new(0)).collect(),
     }
 }
 
@@ -124,7 +132,11 @@ fn table(m: &mut Mem, cells_cap: u64) -> Table<'_> {
         reused: &m.reused,
         cells: &m.cells,
         grace: shmprom::series::REUSE_GRACE_SECS,
-        rec_free: &m.rec_free,
+        free: FreeLists {
+            blocks: &m.blocks_free,
+            cells: &m.cells_free,
+            widths: &m.cells_free_width,
+        },
     }
 }
 
@@ -216,7 +228,9 @@ pub fn series_table(data: &[u8]) {
                             .expect("find after insert")
                             .expect("inserted key not found");
                         let s = t.get(i).expect("inserted slot not live");
-                        assert_eq!((s.family, s.key, s.cell), (fam, &key[..], c));
+                        let mut k2 = Vec::new();
+                        assert!(t.read_key(&s, &mut k2), "key of a live series unreadable");
+                        assert_eq!((s.family, &k2[..], s.cell), (fam, &key[..], c));
                         marker += 1;
                         for k in c..c + width {
                             cells.0[k as usize].store(marker, Ordering::Relaxed);
@@ -231,13 +245,12 @@ pub fn series_table(data: &[u8]) {
                     (Err(TableError::Full), None) => {
                         // refusing is always allowed when something is
                         // short; with no dead slot, room for a slot and
-                        // room in both arenas, it is not
-                        // records come in power-of-two capacities, 8 bytes at least
-                        let rec = 12 + (key.len().max(8).next_power_of_two() as u64);
+                        // never used room in both arenas, it is not
+                        let rec = blocks_for(key.len()) as u64 * BLOCK;
                         let room = dead0 == 0
                             && before.0 < limit
                             && before.1 + width as u64 <= cells_cap
-                            && before.2.div_ceil(4) * 4 + rec <= t.keys.cap;
+                            && before.2 + rec <= t.keys.cap;
                         assert!(
                             !room,
                             "spurious Full: slots {}/{limit}, cells {}+{width}/{cells_cap}, \
@@ -292,9 +305,9 @@ pub fn series_table(data: &[u8]) {
             _ => {
                 let i = inp.below(nslots);
                 if let Some(s) = t.get(i) {
-                    let e = live
-                        .get(&(s.family, s.key.to_vec()))
-                        .map(|&(i2, c, _)| (i2, c));
+                    let mut k = Vec::new();
+                    assert!(t.read_key(&s, &mut k), "key of a live series unreadable");
+                    let e = live.get(&(s.family, k)).map(|&(i2, c, _)| (i2, c));
                     assert_eq!(
                         e,
                         Some((i, s.cell)),
@@ -311,6 +324,32 @@ pub fn series_table(data: &[u8]) {
             t.slots_used.load(Ordering::Relaxed),
             "census vs slots_used"
         );
+        // no key block or cell is both free and held, or held twice
+        let mut held = HashSet::new();
+        let mut held_cells = HashSet::new();
+        for (&(fam, _), &(i, c, _)) in &live {
+            let s = t.get(i).expect("live slot");
+            for b in t.record_blocks(&s) {
+                assert!(held.insert(b), "key block {b} held twice");
+            }
+            for k in c..c + width_of(fam) {
+                assert!(held_cells.insert(k), "cell {k} held twice");
+            }
+        }
+        for b in t.free_blocks().expect("free block list") {
+            assert!(
+                held.insert(b),
+                "key block {b} free and held (or free twice)"
+            );
+        }
+        for (c, w) in t.free_cells().expect("free cell lists") {
+            for k in c..c + w {
+                assert!(
+                    held_cells.insert(k),
+                    "cell {k} free and held (or free twice)"
+                );
+            }
+        }
         for ((fam, key), &(_, c, mk)) in &live {
             for k in c..c + width_of(*fam) {
                 let v = cells.0[k as usize].load(Ordering::Relaxed);

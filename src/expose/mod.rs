@@ -132,11 +132,15 @@ fn render_family(out: &mut Out<'_>, z: &Zone, f: &Family<'_>, slots: &[u32], liv
     out.header(f.name, f.help, f.kind);
     let t = z.table();
     let mut lp = Vec::with_capacity(128);
+    let mut key = Vec::with_capacity(64);
     match f.kind {
         Kind::Counter | Kind::Gauge => {
             for &i in slots {
                 let Some(s) = t.get(i as usize) else { continue };
-                label_prefix(&mut lp, f, s.key);
+                if !t.read_key(&s, &mut key) {
+                    continue; // deleted and reused while we read it
+                }
+                label_prefix(&mut lp, f, &key);
                 out.sample_name(f.name, f.kind);
                 if !lp.is_empty() {
                     out.buf.extend_from_slice(&lp);
@@ -164,7 +168,10 @@ fn render_family(out: &mut Out<'_>, z: &Zone, f: &Family<'_>, slots: &[u32], liv
             let count = format!("{}_count", f.name);
             for &i in slots {
                 let Some(s) = t.get(i as usize) else { continue };
-                label_prefix(&mut lp, f, s.key);
+                if !t.read_key(&s, &mut key) {
+                    continue; // deleted and reused while we read it
+                }
+                label_prefix(&mut lp, f, &key);
                 let mut cum = 0.0;
                 for (b, le) in les.iter().enumerate() {
                     cum += sum_cell(z, f, live, s.cell as u64 + b as u64);
