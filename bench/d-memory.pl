@@ -42,7 +42,12 @@ sub self_metrics {
 
 my @rows;
 my %summary;
-for my $size (@SIZES) {
+# each size with the default planes, and 32m with `planes = 2`: one plane
+# per worker plus the shared one (3 in all)
+my @CONFIGS = ((map { [ $_, undef ] } @SIZES), [ '32m', 2 ]);
+for my $cfg (@CONFIGS) {
+    my ($size, $planes) = @$cfg;
+    my $popt = defined $planes ? ", planes = $planes" : '';
     my ($port) = free_ports(1);
     my $paths = lua_paths();
     my $conf = <<"EOC";
@@ -58,7 +63,7 @@ http {
     access_log off;
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
-        bench_m = shmprom.new{ zone = "bench_d", size = "$size" }
+        bench_m = shmprom.new{ zone = "bench_d", size = "$size"$popt }
         bench_c = bench_m:counter("bench_d_total", "2 short labels", { "a", "b" })
         bench_h = bench_m:histogram("bench_d_seconds", "1 label, 15 buckets",
                                     { "op" }, require("shmprom_bench.update").BUCKETS15)
@@ -90,7 +95,7 @@ http {
     }
 }
 EOC
-    my $nx = nginx_start(name => "d-$size", conf => $conf, ready => "http://127.0.0.1:$port/metrics",
+    my $nx = nginx_start(name => "d-$size" . ($planes // ''), conf => $conf, ready => "http://127.0.0.1:$port/metrics",
                          workers => 2);
     my $v0 = self_metrics($port);
     my $zone = bytes_of($size);
@@ -116,16 +121,22 @@ EOC
         my ($x) = @_;
         return $x <= $limit ? 'met' : sprintf('MISSED by %.0f B (%.0f%%)', $x - $limit, 100 * ($x - $limit) / $limit);
     };
-    push @rows, [ $size, $v0->{planes}, fmt_num($n, 9), sprintf('%.1f', $per_used), $verdict->($per_used),
+    push @rows, [ $size . (defined $planes ? " (planes = $planes)" : ''), $v0->{planes}, fmt_num($n, 9), sprintf('%.1f', $per_used), $verdict->($per_used),
                   fmt_num($v0->{series_capacity}, 9), sprintf('%.1f', $per_cap), $verdict->($per_cap),
                   fmt_num($stored, 9), sprintf('%.1f', $per_stored),
                   defined $per_h ? sprintf('%.0f', $per_h) : 'refused' ];
-    $summary{"$size used"} = $per_used;
-    $summary{"$size capacity"} = $per_cap;
+    my $sk = $size . (defined $planes ? " planes=$planes" : '');
+    $summary{"$sk used"} = $per_used;
+    $summary{"$sk capacity"} = $per_cap;
     logmsg sprintf('(d) %s: %.1f B/series used, %.1f B/series by capacity, %s stored',
                    $size, $per_used, $per_cap, $stored);
-    $summary{"$size refused_err"} = $r2->{err} // '';
-    if ($size eq '32m') {
+    $summary{"$sk refused_err"} = $r2->{err} // '';
+    if ($size eq '32m' && defined $planes) {
+        add_target('d-used-planes', '(d) zone bytes per counter series with `planes = 2` (one per worker + shared; an option, not the default)',
+                   '<= 64 B', sprintf('%.1f B (zone %s, planes = %d)', $per_used, $size, $planes),
+                   $verdict->($per_used));
+    }
+    if ($size eq '32m' && !defined $planes) {
         add_target('d-used', '(d) zone bytes per counter series (2 workers, 2 short labels): used delta / N',
                    '<= 64 B', sprintf('%.1f B (zone %s)', $per_used, $size), $verdict->($per_used));
         add_target('d-capacity', '(d) zone bytes per counter series: zone size / series capacity',
@@ -136,7 +147,8 @@ EOC
 
 my $md = "## (d) Zone bytes per series\n\n";
 $md .= "nginx with 2 workers, `shmprom.new{ zone = \"bench_d\", size = SIZE }` (planes default: "
-     . "2 x workers = 4 per-worker planes + the shared plane). **used delta / N**: "
+     . "2 x workers = 4 per-worker planes + the shared plane; the last row sets `planes = 2`: "
+     . "one per worker plus the shared plane, an option, not the default). **used delta / N**: "
      . "`shmprom_zone_bytes{type=\"used\"}` before and after creating N counter series "
      . "`bench_d_total{a,b}` with 2 short label values (hex, up to 3 characters each: "
      . "`{a=\"fff\",b=\"18\"}`). **zone / capacity**: the zone size over "
