@@ -451,12 +451,11 @@ pub fn encode_key(values: &[&[u8]], out: &mut Vec<u8>) {
     out.clear();
     for v in values {
         let cow;
-        let v: &[u8] = match std::str::from_utf8(v) {
-            Ok(_) => v,
-            Err(_) => {
-                cow = String::from_utf8_lossy(v).into_owned();
-                cow.as_bytes()
-            }
+        let v: &[u8] = if is_utf8(v) {
+            v
+        } else {
+            cow = String::from_utf8_lossy(v).into_owned();
+            cow.as_bytes()
         };
         let mut n = v.len();
         loop {
@@ -469,6 +468,53 @@ pub fn encode_key(values: &[&[u8]], out: &mut Vec<u8>) {
             out.push(b | 0x80);
         }
         out.extend_from_slice(v);
+    }
+}
+
+/// Whether `v` is UTF-8: the ASCII check first (word at a time, the usual
+/// label value), the full validation only when a byte is >= 0x80.
+#[inline]
+fn is_utf8(v: &[u8]) -> bool {
+    v.is_ascii() || std::str::from_utf8(v).is_ok()
+}
+
+/// Bytes of the key buffer [`series_get`] and [`series_del`] keep on the
+/// stack; longer keys (and values that are not UTF-8) take the heap path.
+const STACK_KEY: usize = 256;
+
+/// [`encode_key`] into `buf` when every value is UTF-8 and the key fits:
+/// the key's length, else None (the caller then uses [`encode_key`]). Both
+/// give the same bytes.
+fn encode_key_into(values: &[&[u8]], buf: &mut [u8]) -> Option<usize> {
+    let mut at = 0;
+    for v in values {
+        if !is_utf8(v) {
+            return None;
+        }
+        let mut n = v.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            *buf.get_mut(at)? = if n == 0 { b } else { b | 0x80 };
+            at += 1;
+            if n == 0 {
+                break;
+            }
+        }
+        buf.get_mut(at..at + v.len())?.copy_from_slice(v);
+        at += v.len();
+    }
+    Some(at)
+}
+
+/// The key of `values`: encoded in `stack` when it fits, else in `heap`.
+fn key_of<'b>(values: &[&[u8]], stack: &'b mut [u8], heap: &'b mut Vec<u8>) -> &'b [u8] {
+    match encode_key_into(values, stack) {
+        Some(n) => &stack[..n],
+        None => {
+            encode_key(values, heap);
+            heap
+        }
     }
 }
 
@@ -517,9 +563,11 @@ pub fn series_get(z: &Zone, id: u32, values: &[&[u8]]) -> Result<u32, SeriesErro
             got: values.len(),
         });
     }
-    let mut key = Vec::with_capacity(64);
-    encode_key(values, &mut key);
-    match z.table().get_or_insert(id, &key, rec.width, now_secs()) {
+    // no allocation for the usual key: this runs once per new label set
+    let mut stack = [0u8; STACK_KEY];
+    let mut heap = Vec::new();
+    let key = key_of(values, &mut stack, &mut heap);
+    match z.table().get_or_insert(id, key, rec.width, now_secs()) {
         Ok((cell, created)) => {
             if created {
                 rec.series.fetch_add(1, Ordering::Relaxed);
@@ -549,10 +597,11 @@ pub fn series_del(z: &Zone, id: u32, values: &[&[u8]]) -> Result<bool, SeriesErr
             got: values.len(),
         });
     }
-    let mut key = Vec::new();
-    encode_key(values, &mut key);
+    let mut stack = [0u8; STACK_KEY];
+    let mut heap = Vec::new();
+    let key = key_of(values, &mut stack, &mut heap);
     let t = z.table();
-    let found = t.find(id, &key).map_err(SeriesError::Table)?;
+    let found = t.find(id, key).map_err(SeriesError::Table)?;
     let Some(i) = found else { return Ok(false) };
     let killed = t.kill(i, now_secs());
     if killed {
@@ -583,4 +632,64 @@ pub fn family_reset(z: &Zone, id: u32) -> Result<(), SeriesError> {
         series_get(z, id, &[])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both(values: &[&[u8]]) -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut heap = Vec::new();
+        encode_key(values, &mut heap);
+        let mut buf = [0u8; STACK_KEY];
+        let stack = encode_key_into(values, &mut buf).map(|n| buf[..n].to_vec());
+        (heap, stack)
+    }
+
+    #[test]
+    fn stack_key_is_the_heap_key() {
+        let long = vec![b'x'; 300];
+        let edge = vec![b'y'; STACK_KEY - 2]; // LEB128 2 bytes + value = STACK_KEY
+        let past = vec![b'y'; STACK_KEY - 1];
+        let v127 = vec![b'z'; 127];
+        let v128 = vec![b'z'; 128];
+        let cases: Vec<Vec<&[u8]>> = vec![
+            vec![],
+            vec![b""],
+            vec![b"", b""],
+            vec![b"/b/12345"],
+            vec![b"example.org", b"200"],
+            vec!["h\u{e9}llo \u{1f600}".as_bytes(), b"x"],
+            vec![&v127],
+            vec![&v128, b"a"],
+            vec![&edge],
+            vec![&past],
+            vec![&long],
+            vec![b"a", &long],
+        ];
+        for c in &cases {
+            let (heap, stack) = both(c);
+            let fits = heap.len() <= STACK_KEY;
+            assert_eq!(stack.is_some(), fits, "{c:?}");
+            if let Some(s) = stack {
+                assert_eq!(s, heap, "{c:?}");
+            }
+            assert_eq!(decode_key(&heap), *c);
+            let mut st = [0u8; STACK_KEY];
+            let mut hp = Vec::new();
+            assert_eq!(key_of(c, &mut st, &mut hp), &heap[..]);
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_takes_the_heap_path() {
+        let bad: &[u8] = b"a\xffb";
+        let mut buf = [0u8; STACK_KEY];
+        assert_eq!(encode_key_into(&[b"ok", bad], &mut buf), None);
+        let mut st = [0u8; STACK_KEY];
+        let mut hp = Vec::new();
+        let key = key_of(&[b"ok", bad], &mut st, &mut hp).to_vec();
+        assert_eq!(decode_key(&key), vec![&b"ok"[..], "a\u{fffd}b".as_bytes()]);
+        assert!(is_utf8("\u{e9}".as_bytes()) && !is_utf8(b"\xc3"));
+    }
 }

@@ -591,18 +591,24 @@ local function miss(f, lv)
         end
     end
     local vals, lens, anchor = f.vals, f.lens, f.anchor
+    local anchored = false
     for i = 1, n do
         local v = lv[i]
         local tv = type(v)
         local s
         if tv == "string" then
+            -- lv keeps it alive through the call
             s = v
         elseif tv == "number" then
             if v ~= v or v == HUGE or v == -HUGE then
                 return bad(f, ERR_BAD_LABELS, "label value for '"
                            .. f.label_names[i] .. "' is not a finite number")
             end
+            -- a new string only vals[] points at: anchor it until the call
+            -- returns (a later label_string may run the GC)
             s = label_string(v)
+            anchor[i] = s
+            anchored = true
         elseif tv == "nil" then
             return bad(f, ERR_BAD_LABELS, "expected " .. n
                        .. " label values, got " .. (i - 1))
@@ -611,14 +617,15 @@ local function miss(f, lv)
                        .. f.label_names[i] .. "' is a " .. tv
                        .. ", expected a string or number")
         end
-        anchor[i] = s
         vals[i - 1] = s
         lens[i - 1] = #s
     end
     local r = C.shmprom_series_get(z.ptr, f.id, n, vals, lens, errbuf,
                                    ERRLEN)
-    for i = 1, n do
-        anchor[i] = nil
+    if anchored then
+        for i = 1, n do
+            anchor[i] = nil
+        end
     end
     if r < 0 then
         local msg = f.name .. ": " .. errmsg()

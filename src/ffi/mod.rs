@@ -81,6 +81,9 @@ macro_rules! nonnull {
     };
 }
 
+/// Label values kept on the stack by [`slices_in`]; more take the heap.
+const STACK_VALUES: usize = 8;
+
 /// Borrows `n` (ptr, len) strings given by C.
 ///
 /// # Safety
@@ -91,26 +94,58 @@ unsafe fn slices<'a>(
     ptrs: *const *const c_char,
     lens: *const usize,
 ) -> Option<Vec<&'a [u8]>> {
-    if n == 0 {
-        return Some(Vec::new());
+    let mut v = Vec::with_capacity(n as usize);
+    for i in 0..n as usize {
+        // SAFETY: i < n entries, per the contract passed on.
+        v.push(unsafe { nth(ptrs, lens, i) }?);
     }
+    Some(v)
+}
+
+/// [`slices`] into `stack` when they fit (no allocation: the miss path
+/// runs this once per new label set), else into `heap`.
+///
+/// # Safety
+/// As for [`slices`].
+unsafe fn slices_in<'s, 'a>(
+    n: u32,
+    ptrs: *const *const c_char,
+    lens: *const usize,
+    stack: &'s mut [&'a [u8]; STACK_VALUES],
+    heap: &'s mut Vec<&'a [u8]>,
+) -> Option<&'s [&'a [u8]]> {
+    let n = n as usize;
+    if n > STACK_VALUES {
+        // SAFETY: per the contract passed on.
+        *heap = unsafe { slices(n as u32, ptrs, lens) }?;
+        return Some(heap);
+    }
+    for (i, slot) in stack[..n].iter_mut().enumerate() {
+        // SAFETY: i < n entries, per the contract passed on.
+        *slot = unsafe { nth(ptrs, lens, i) }?;
+    }
+    Some(&stack[..n])
+}
+
+/// String `i` of (ptrs, lens); None when a non-empty one is NULL.
+///
+/// # Safety
+/// `ptrs` and `lens` hold more than `i` entries (may be NULL: None), and
+/// `ptrs[i]` points at `lens[i]` readable bytes unless that is 0.
+unsafe fn nth<'a>(ptrs: *const *const c_char, lens: *const usize, i: usize) -> Option<&'a [u8]> {
     if ptrs.is_null() || lens.is_null() {
         return None;
     }
-    let mut v = Vec::with_capacity(n as usize);
-    for i in 0..n as usize {
-        // SAFETY: i < n entries per the contract.
-        let (p, l) = unsafe { (*ptrs.add(i), *lens.add(i)) };
-        if l == 0 {
-            v.push(&[][..]);
-        } else if p.is_null() {
-            return None;
-        } else {
-            // SAFETY: p points at l readable bytes per the contract.
-            v.push(unsafe { std::slice::from_raw_parts(p as *const u8, l) });
-        }
+    // SAFETY: i < the entries both hold, per the contract.
+    let (p, l) = unsafe { (*ptrs.add(i), *lens.add(i)) };
+    if l == 0 {
+        Some(&[][..])
+    } else if p.is_null() {
+        None
+    } else {
+        // SAFETY: p points at l readable bytes per the contract.
+        Some(unsafe { std::slice::from_raw_parts(p as *const u8, l) })
     }
-    Some(v)
 }
 
 fn zone(z: *const shmprom_zone) -> Zone {
@@ -377,12 +412,15 @@ pub unsafe extern "C" fn shmprom_series_get(
     let einval = SHMPROM_EINVAL as i64;
     nonnull!(z, err, errlen, einval, "zone");
     guard!(err, errlen, SHMPROM_EPANIC as i64, {
+        let mut stack = [&[][..]; STACK_VALUES];
+        let mut heap = Vec::new();
         // SAFETY: per the contract above.
-        let Some(vs) = (unsafe { slices(nvalues, values, value_lens) }) else {
+        let Some(vs) = (unsafe { slices_in(nvalues, values, value_lens, &mut stack, &mut heap) })
+        else {
             set_err(err, errlen, "label values are NULL");
             return einval;
         };
-        match registry::series_get(&zone(z), family, &vs) {
+        match registry::series_get(&zone(z), family, vs) {
             Ok(c) => c as i64,
             Err(e) => series_err(e, err, errlen),
         }
@@ -406,12 +444,15 @@ pub unsafe extern "C" fn shmprom_series_del(
 ) -> c_int {
     nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
     guard!(err, errlen, SHMPROM_EPANIC, {
+        let mut stack = [&[][..]; STACK_VALUES];
+        let mut heap = Vec::new();
         // SAFETY: per the contract above.
-        let Some(vs) = (unsafe { slices(nvalues, values, value_lens) }) else {
+        let Some(vs) = (unsafe { slices_in(nvalues, values, value_lens, &mut stack, &mut heap) })
+        else {
             set_err(err, errlen, "label values are NULL");
             return SHMPROM_EINVAL;
         };
-        match registry::series_del(&zone(z), family, &vs) {
+        match registry::series_del(&zone(z), family, vs) {
             Ok(d) => d as c_int,
             Err(e) => series_err(e, err, errlen) as c_int,
         }

@@ -154,5 +154,46 @@ for nb = 1, 40 do
     end
 end
 
+-- miss path edges: label values kept on the stack (<= 8) or the heap (more),
+-- keys encoded on the stack (<= 256 bytes) or the heap (longer, or not
+-- UTF-8), and number values turned into strings under an eager GC (their
+-- strings must stay anchored until the library has read them)
+do
+    local names = {}
+    for i = 1, 10 do names[i] = "l" .. i end
+    local wide = m:counter("wide_total", "ten labels", names)
+    local vals = {}
+    for i = 1, 10 do vals[i] = "v" .. i end
+    assert(wide:inc(1, vals))
+    assert(wide:inc(2, {"v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v10"}))
+    assert(wide:value(vals) == 3)
+    local long = m:counter("long_total", "long values", {"a", "b"})
+    local l255, l300 = string.rep("x", 250), string.rep("y", 300)
+    for _, lv in ipairs({ {l255, "b"}, {l300, "b"}, {"a", l300}, {l255, "\255"} }) do
+        assert(long:inc(1, lv))
+        assert(long:inc(1, { lv[1], lv[2] }), "a fresh table finds the same series")
+        assert(long:value({ lv[1], lv[2] }) == 2)
+    end
+    local text = assert(m:metric_data())
+    assert(text:find('long_total{a="' .. l300 .. '",b="b"} 2\n', 1, true))
+    assert(text:find('long_total{a="' .. l255 .. '",b="\239\191\189"} 2\n', 1, true))
+    assert(text:find('wide_total{l1="v1",l2="v2",l3="v3",l4="v4",l5="v5",l6="v6",'
+                     .. 'l7="v7",l8="v8",l9="v9",l10="v10"} 3\n', 1, true))
+
+    local nums = m:counter("num_labels_total", "numbers", {"a", "b", "c"})
+    local pause = collectgarbage("setpause", 0)
+    local stepmul = collectgarbage("setstepmul", 1000000)
+    for i = 1, 2000 do
+        assert(nums:inc(1, {i, i + 0.5, -i}))
+    end
+    collectgarbage("setpause", pause)
+    collectgarbage("setstepmul", stepmul)
+    for i = 1, 2000, 97 do
+        assert(nums:value({tostring(i), tostring(i + 0.5), tostring(-i)}) == 1)
+    end
+    text = assert(m:metric_data())
+    assert(text:find('num_labels_total{a="1999",b="1999.5",c="-1999"} 1\n', 1, true))
+end
+
 assert(m:check())
 return "ok"
