@@ -200,6 +200,11 @@ pub struct Table<'a> {
     pub grace: u32,
     /// Key blocks and cells given back for reuse.
     pub free: FreeLists<'a>,
+    /// The last clean that found nothing: (seconds << 1) | 1. A refused
+    /// insert in that same second does not scan the table again, so a
+    /// full zone costs each refused series a probe, not a scan of every
+    /// slot. None: every refused insert cleans (tests).
+    pub clean_gate: Option<&'a AtomicU64>,
 }
 
 /// Blocks a key record of `len` bytes takes.
@@ -552,10 +557,20 @@ impl<'a> Table<'a> {
                 Ok(None) => {}
                 Err(TableError::Full) if !cleaned => {
                     // try once more after a clean, even if this one freed
-                    // nothing: another process's clean may have filled the
-                    // pools since our attempt
+                    // nothing (or was skipped): another process's clean may
+                    // have filled the pools since our attempt
                     cleaned = true;
-                    self.clean(now);
+                    let idle = ((now as u64) << 1) | 1;
+                    match self.clean_gate {
+                        Some(g) if g.load(Ordering::Relaxed) == idle => {}
+                        Some(g) => {
+                            let freed = self.clean(now);
+                            g.store(if freed == 0 { idle } else { 0 }, Ordering::Relaxed);
+                        }
+                        None => {
+                            self.clean(now);
+                        }
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -1170,6 +1185,7 @@ mod tests {
                 cells: &m.cells_free,
                 widths: &m.cells_free_width,
             },
+            clean_gate: None,
         }
     }
 
@@ -1461,6 +1477,7 @@ mod loom_tests {
                 cells: &m.cells_free,
                 widths: &m.cells_free_width,
             },
+            clean_gate: None,
         };
         f(&t)
     }

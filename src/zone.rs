@@ -76,6 +76,8 @@ pub struct Header {
     /// Free cell runs per width, and the width of each list.
     pub cells_free: [AtomicU64; CELL_LISTS],
     pub cells_free_width: [AtomicU32; CELL_LISTS],
+    /// See series::Table::clean_gate.
+    pub clean_gate: AtomicU64,
     /// Guards family definition only (never the update path).
     pub define_lock: libc::pthread_mutex_t,
 }
@@ -422,6 +424,7 @@ impl Zone {
                 cells: &h.cells_free,
                 widths: &h.cells_free_width,
             },
+            clean_gate: Some(&h.clean_gate),
         }
     }
 

@@ -137,6 +137,7 @@ fn table(m: &mut Mem, cells_cap: u64) -> Table<'_> {
             cells: &m.cells_free,
             widths: &m.cells_free_width,
         },
+        clean_gate: None,
     }
 }
 
