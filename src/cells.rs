@@ -56,6 +56,15 @@ impl Liveness for Procs {
     fn alive(&self, pid: u32, start: u64) -> bool {
         owner_alive(pid, start)
     }
+    fn exists(&self, pid: u32) -> bool {
+        if pid == 0 || pid > i32::MAX as u32 {
+            return false;
+        }
+        // SAFETY: signal 0 only checks for existence and permission; pid
+        // is positive, so no process group is addressed.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
 }
 
 impl OwnerRec for PlaneRec {
