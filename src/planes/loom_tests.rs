@@ -153,8 +153,9 @@ impl World {
 }
 
 /// Runs `f` under loom. The protocol has no spin loops, so the schedules
-/// are finite and explored without a preemption bound (exhaustively, up to
-/// loom's treatment of SeqCst, which the protocol does not use).
+/// are finite and explored without a preemption bound: every schedule
+/// loom's memory model can produce (it does not produce every weak
+/// behaviour C11 allows, load buffering for one; SeqCst is not used here).
 fn model(f: impl Fn() + Sync + Send + 'static) {
     model_bounded(None, f)
 }
