@@ -60,3 +60,10 @@ cdefs:
 
 clean:
 	cargo clean
+
+# the Rust tests (unit, integration, multi-process, fuzz corpus replay,
+# in-process Lua) under AddressSanitizer: needs a nightly toolchain; not
+# part of `make test`
+.PHONY: asan
+asan:
+	RUSTFLAGS=-Zsanitizer=address cargo +nightly test --target x86_64-unknown-linux-gnu --target-dir target/asan

@@ -6,9 +6,10 @@
 //! worker): only the owner writes them, with plain aligned 8-byte stores
 //! (from LuaJIT, without a call); readers add the planes up.
 
+use crate::planes::{self, Liveness, OwnerRec};
 use crate::registry::{Family, Kind, MODE_LIVESUM};
-use crate::zone::{owner_alive, proc_start_time, Zone};
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::zone::{owner_alive, proc_start_time, PlaneRec, Zone};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Adds `v` to an f64 stored as bits in `cell`, by compare-and-swap.
 #[inline]
@@ -39,42 +40,43 @@ pub fn f64_get(cell: &AtomicU64) -> f64 {
 /// one, or the plane of an owner that has died (adopted with its values:
 /// counters are cumulative; its live-gauge shares are zeroed first).
 /// Returns 0 when every plane is held by a live process: the caller then
-/// writes the shared plane atomically.
+/// writes the shared plane atomically. The protocol is
+/// [`crate::planes::claim`].
 pub fn claim_plane(z: &Zone, pid: u32) -> u32 {
     let start = proc_start_time(pid).unwrap_or(0);
-    let planes = z.planes();
-    for (i, p) in planes.iter().enumerate().skip(1) {
-        if p.pid.load(Ordering::Acquire) == pid && p.start.load(Ordering::Acquire) == start {
-            return i as u32;
-        }
+    planes::claim(z.planes(), pid, start, &Procs, |i| {
+        zero_live_shares(z, i as u32)
+    })
+}
+
+/// Plane owners as the operating system sees them.
+struct Procs;
+
+impl Liveness for Procs {
+    fn alive(&self, pid: u32, start: u64) -> bool {
+        owner_alive(pid, start)
     }
-    for (i, p) in planes.iter().enumerate().skip(1) {
-        if p.pid.load(Ordering::Acquire) == 0
-            && p.pid
-                .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            p.start.store(start, Ordering::Release);
-            p.claims.fetch_add(1, Ordering::Relaxed);
-            return i as u32;
+    fn exists(&self, pid: u32) -> bool {
+        if pid == 0 || pid > i32::MAX as u32 {
+            return false;
         }
+        // SAFETY: signal 0 only checks for existence and permission; pid
+        // is positive, so no process group is addressed.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
     }
-    for (i, p) in planes.iter().enumerate().skip(1) {
-        let owner = p.pid.load(Ordering::Acquire);
-        let ostart = p.start.load(Ordering::Acquire);
-        if owner != 0
-            && !owner_alive(owner, ostart)
-            && p.pid
-                .compare_exchange(owner, pid, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            p.start.store(start, Ordering::Release);
-            p.claims.fetch_add(1, Ordering::Relaxed);
-            zero_live_shares(z, i as u32);
-            return i as u32;
-        }
+}
+
+impl OwnerRec for PlaneRec {
+    fn word(&self) -> &AtomicU32 {
+        &self.pid
     }
-    0
+    fn start(&self) -> &AtomicU64 {
+        &self.start
+    }
+    fn claims(&self) -> &AtomicU64 {
+        &self.claims
+    }
 }
 
 /// Zeroes plane `plane`'s cells of every livesum gauge series: the dead
@@ -97,13 +99,7 @@ pub fn live_planes(z: &Zone) -> Vec<bool> {
     z.planes()
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            i == 0
-                || owner_alive(
-                    p.pid.load(Ordering::Acquire),
-                    p.start.load(Ordering::Acquire),
-                )
-        })
+        .map(|(i, p)| i == 0 || planes::counts(p, &Procs))
         .collect()
 }
 

@@ -12,12 +12,14 @@
 //! - [`registry`]: metric families and label-key encoding
 //! - [`series`]: the lock-free label-set table
 //! - [`cells`]: planes and f64 cells
+//! - [`planes`]: the plane claim and adoption protocol (also under loom)
 //! - [`expose`]: Prometheus text 0.0.4 and OpenMetrics 1.0
 //! - [`check`]: consistency check of a zone
 //! - [`ttl`]: idle-series expiry
 //! - [`ffi`]: the C ABI (include/shmprom.h)
 
-// Under `--cfg loom` only the lock-free table and its atomics are built:
+// Under `--cfg loom` only the lock-free table, the plane owner protocol and
+// their atomics are built:
 // loom's atomics model threads in one process and cannot live in a shared
 // mapping, so the zone and everything above it stay out of the model.
 #[cfg(not(loom))]
@@ -28,6 +30,7 @@ pub mod check;
 pub mod expose;
 #[cfg(not(loom))]
 pub mod ffi;
+pub mod planes;
 #[cfg(not(loom))]
 pub mod registry;
 pub mod series;
