@@ -28,7 +28,9 @@ pub const MIN_SIZE: u64 = 256 * 1024;
 /// One per-writer plane's owner record, alone on its cache line.
 #[repr(C, align(64))]
 pub struct PlaneRec {
-    /// Owner pid; 0 when never claimed.
+    /// Owner pid; 0 when never claimed. While a claim is under way the
+    /// word is `pid | CLAIMING` (bit 31, see crate::planes): held, but not
+    /// yet counted for livesum gauges.
     pub pid: AtomicU32,
     _pad: u32,
     /// Owner's start time (clock ticks since boot) to tell pid reuse apart.
