@@ -72,7 +72,11 @@
 --                (error_page, try_files, ngx.exec): after one, begin() runs
 --                again in the server rewrite phase and does not count the
 --                request twice. The gauge is livesum: a worker that exits or
---                is killed takes its requests with it.
+--                is killed takes its requests with it. Subrequests share
+--                their parent's variables: keep log_subrequest off (the
+--                default) in the gateway server, or a subrequest's log phase
+--                would take the parent out of flight and read the parent's
+--                $dfs_gateway_log before it is final.
 --
 -- The per-request code reads one nginx variable, keeps one series handle
 -- per label set in worker-local tables (a miss asks the core once), and
