@@ -20,8 +20,8 @@
 --
 -- <LOG_MAP> is _M.LOG_MAP, exactly:
 --   $dfs_gateway_begun $request_length $bytes_sent $body_bytes_sent
---   $request_completion $content_length|$upstream_addr|$upstream_status|
---   $upstream_response_time|$http_depth            (one line, no breaks)
+--   $request_completion|$upstream_addr|$upstream_status|
+--   $upstream_response_time                         (one line, no breaks)
 -- log() reads that one variable instead of six or seven: every ngx.var
 -- read is a round trip through nginx's variable lookup (by name, hashed,
 -- then copied into a new Lua string) that costs more than a metric update.
@@ -78,9 +78,10 @@
 --                would take the parent out of flight and read the parent's
 --                $dfs_gateway_log before it is final.
 --
--- The per-request code reads one nginx variable, keeps one series handle
--- per label set in worker-local tables (a miss asks the core once), and
--- uses no pairs/ipairs and no string patterns.
+-- The per-request code reads one nginx variable (two for a 2xx PUT or a
+-- PROPFIND), keeps one series handle per label set in worker-local tables
+-- (a miss asks the core once), and uses no pairs/ipairs and no string
+-- patterns.
 
 local shmprom = require "resty.shmprom"
 
@@ -107,8 +108,8 @@ _M.PREFIX = "dfs_gateway_"
 
 -- the value of the $dfs_gateway_log map that log() parses (see the top)
 _M.LOG_MAP = "$dfs_gateway_begun $request_length $bytes_sent"
-    .. " $body_bytes_sent $request_completion $content_length"
-    .. "|$upstream_addr|$upstream_status|$upstream_response_time|$http_depth"
+    .. " $body_bytes_sent $request_completion"
+    .. "|$upstream_addr|$upstream_status|$upstream_response_time"
 
 -- seconds; the request and upstream duration histograms
 _M.DURATION_BUCKETS = {
@@ -477,13 +478,14 @@ function _M.init(opts)
     end
 
     -- $dfs_gateway_log (a map in the nginx configuration, _M.LOG_MAP):
-    -- "B RL BS BBS RC CL|UA|US|UT|D" with B = $dfs_gateway_begun, RL =
+    -- "B RL BS BBS RC|UA|US|UT" with B = $dfs_gateway_begun, RL =
     -- $request_length, BS = $bytes_sent, BBS = $body_bytes_sent, RC =
-    -- $request_completion, CL = $content_length, UA/US/UT = the upstream
-    -- address/status/response time lists, D = the Depth header (last: the
-    -- only value a client writes freely). One variable read instead of
-    -- six or seven; the fields before "|" are numbers, "OK" or empty, the
-    -- upstream lists have no "|".
+    -- $request_completion, UA/US/UT = the upstream address/status/response
+    -- time lists. One variable read instead of six or seven; the fields
+    -- before "|" are numbers, "OK" or empty, the upstream lists have no
+    -- "|". $content_length (a 2xx PUT) and the Depth header (PROPFIND) are
+    -- read on their own, only when needed: in the map nginx would work
+    -- them out for every request.
     function gw.log()
         -- Counters first, histograms last, and only these five locals
         -- live across the histograms: an observation that falls in another
@@ -509,12 +511,10 @@ function _M.init(opts)
             local e2 = e1 and find(s, " ", e1 + 1, true)
             local e3 = e2 and find(s, " ", e2 + 1, true)
             local e4 = e3 and find(s, " ", e3 + 1, true)
-            local e5 = e4 and find(s, " ", e4 + 1, true)
-            local b1 = e5 and find(s, "|", e5 + 1, true)
+            local b1 = e4 and find(s, "|", e4 + 1, true)
             local b2 = b1 and find(s, "|", b1 + 1, true)
             local b3 = b2 and find(s, "|", b2 + 1, true)
-            local b4 = b3 and find(s, "|", b3 + 1, true)
-            if b4 == nil then
+            if b3 == nil then
                 say_once("format", "$dfs_gateway_log is not the map of"
                          .. " nginx-conf/gateway.conf (got \"" .. s .. "\"):"
                          .. " nothing is recorded")
@@ -525,8 +525,7 @@ function _M.init(opts)
             op = OPS[method]
             if op == nil then
                 -- the Depth header matters only for PROPFIND
-                op = classify(method,
-                              method == "PROPFIND" and sub(s, b4 + 1))
+                op = classify(method, method == "PROPFIND" and var.http_depth)
             end
             local status = ngx.status
             dt = now() - start_time()
@@ -555,11 +554,11 @@ function _M.init(opts)
 
             if op == "write" then
                 if status >= 200 and status < 300 then
-                    size = tonumber(sub(s, e5 + 1, b1 - 1))
+                    size = tonumber(var.content_length)
                 end
             elseif op == "read" then
                 -- request_completion is "OK" or empty
-                if (status == 200 or status == 206) and e5 - e4 == 3 then
+                if (status == 200 or status == 206) and b1 - e4 == 3 then
                     size = tonumber(sub(s, e3 + 1, e4 - 1))
                 end
             end
@@ -567,7 +566,7 @@ function _M.init(opts)
             if b2 > b1 + 1 then -- $upstream_addr is set
                 local addr = sub(s, b1 + 1, b2 - 1)
                 local ustatus = b3 > b2 + 1 and sub(s, b2 + 1, b3 - 1) or "-"
-                utime = b4 > b3 + 1 and sub(s, b3 + 1, b4 - 1) or "-"
+                utime = b3 < #s and sub(s, b3 + 1) or "-"
                 if find(addr, " ", 1, true) then
                     -- several attempts (rare): all their metrics now
                     walk_upstream(addr, ustatus, utime, attempt)
