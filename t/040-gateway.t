@@ -16,7 +16,10 @@
 #      goes to 0 and back to 1 after start-node;
 #   4. /metrics is not served on the gateway port; the metrics port serves
 #      text 0.0.4 that promtool accepts;
-#   5. the in-flight gauge counts a request being served and returns to 0.
+#   5. the in-flight gauge counts a request being served and returns to 0;
+#      a request nginx rejects while reading its header (400) is counted
+#      in requests_total but was never in flight (the gauge stays at 0, not
+#      -1), and the gateway's error log has no word from the preset.
 #
 # Expected numbers come from what the test itself did (files and sizes it
 # generated, the status each curl request got) and, where rclone's request
@@ -90,6 +93,7 @@ my %GW_ENV = (
     START_TIMEOUT => 15, STOP_TIMEOUT => 10,
 );
 my $ACCESS_LOG = "$DIR/var/logs/gateway.access.log";
+my $ERROR_LOG = "$DIR/var/logs/gateway.error.log";
 my $GW = "http://127.0.0.1:$GW_PORT";
 my $METRICS_URL = "http://127.0.0.1:$M_PORT/metrics";
 
@@ -364,6 +368,24 @@ sub random_bytes {
 }
 
 sub sha256_file { return Digest::SHA->new(256)->addfile($_[0], 'b')->hexdigest }
+
+# ---------------------------------------------------------------- the map
+
+# gateway.log() parses $dfs_gateway_log field by field: the map in
+# nginx-conf/gateway.conf must be exactly gateway.LOG_MAP (the Lua string,
+# written as a concatenation of literals in gateway.lua)
+{
+    my $lua = slurp("$REPO/lua/resty/shmprom/gateway.lua");
+    my ($expr) = $lua =~ /^_M\.LOG_MAP = (.*?)\n\n/ms;
+    my $want = join '', ($expr // '') =~ /"([^"]*)"/g;
+    my ($conf_map) = slurp("$REPO/nginx-conf/gateway.conf")
+        =~ /map "" \$dfs_gateway_log \{\s*default "([^"]*)";/;
+    ok(length $want, 'gateway.LOG_MAP found in gateway.lua');
+    is($conf_map, $want, 'the $dfs_gateway_log map in nginx-conf/gateway.conf is gateway.LOG_MAP');
+    my @readme = slurp("$REPO/README.md") =~ /\$dfs_gateway_log \{\s*default "([^"]*)";/g;
+    ok(@readme >= 1, 'README.md shows the $dfs_gateway_log map');
+    is_deeply(\@readme, [ ($want) x @readme ], 'every $dfs_gateway_log map in README.md is gateway.LOG_MAP');
+}
 
 # ---------------------------------------------------------------- start
 
@@ -687,8 +709,8 @@ subtest '/metrics only on the metrics port, text 0.0.4, promtool' => sub {
 
 subtest 'requests in flight' => sub {
     settle('before');
-    # a PUT whose body is held back is in flight (access phase done, the
-    # body not read yet); one completed, one abandoned by its client
+    # a PUT whose body is held back is in flight (server rewrite phase done,
+    # the body not read yet); one completed, one abandoned by its client
     for my $end ('complete', 'abandon') {
         my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $GW_PORT, Proto => 'tcp',
                                       Timeout => 5) or die "connect: $!";
@@ -711,8 +733,29 @@ subtest 'requests in flight' => sub {
         }
         close $s;
     }
+    # HTTP/1.1 without Host: rejected with 400 while nginx reads the header,
+    # before the server rewrite phase (begin() never runs); the log phase
+    # runs and must not take it out of flight
+    my ($p0) = settle('before a rejected request');
+    my $bad_before = metric_value($p0, 'dfs_gateway_requests_total', op => 'read', status => '400') // 0;
+    {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $GW_PORT, Proto => 'tcp',
+                                      Timeout => 5) or die "connect: $!";
+        $s->autoflush(1);
+        setsockopt($s, SOL_SOCKET, SO_RCVTIMEO, pack('l!l!', 10, 0));
+        print {$s} "GET /c/no-host.txt HTTP/1.1\r\nConnection: close\r\n\r\n";
+        local $/;
+        my $resp = <$s> // '';
+        like($resp, qr{^HTTP/1\.1 400 }, 'a request without Host is rejected with 400');
+        close $s;
+    }
     my ($p, @l) = settle('after all traffic');
+    is((metric_value($p, 'dfs_gateway_requests_total', op => 'read', status => '400') // 0) - $bad_before, 1,
+       'the rejected request is counted in requests_total');
     is(metric_value($p, 'dfs_gateway_requests_in_flight'), 0, 'in flight returns to 0');
+    my @said = grep { /resty\.shmprom\.gateway|uninitialized/ } split /\n/, slurp($ERROR_LOG);
+    is(scalar(@said), 0, 'the error log has no line from the preset and no uninitialized variable')
+        or diag join "\n", @said[0 .. ($#said < 4 ? $#said : 4)];
     check_against_log('whole run', $p, @l);
     my ($wc, $ws) = hist($p, 'dfs_gateway_object_size_bytes', op => 'write');
     my ($rc, $rs) = hist($p, 'dfs_gateway_object_size_bytes', op => 'read');

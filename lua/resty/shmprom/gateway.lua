@@ -1,7 +1,7 @@
 -- resty.shmprom.gateway: the metrics preset for an nginx/OpenResty web
 -- gateway (WebDAV/HTTP) in front of the storage nodes of a distributed file
 -- system. Built only on the public Lua API of resty.shmprom
--- (docs/contract.md); one line per nginx phase:
+-- (docs/contract.md); one line per nginx phase, plus two maps:
 --
 --   init_by_lua_block {
 --       gateway = require("resty.shmprom.gateway").init{
@@ -11,9 +11,20 @@
 --       }
 --   }
 --   init_worker_by_lua_block { gateway.init_worker() }
---   access_by_lua_block      { gateway.begin() }    -- in-flight +1
+--   map "" $dfs_gateway_begun { default ""; }             -- http block,
+--   map "" $dfs_gateway_log { default "<LOG_MAP>"; }      -- see below
+--   set_by_lua_block $dfs_gateway_begun { return gateway.begin() }
+--                                   -- gateway server, first: in-flight +1
 --   log_by_lua_block         { gateway.log() }      -- everything else
 --   content_by_lua_block     { gateway.collect() }  -- on the /metrics listener
+--
+-- <LOG_MAP> is _M.LOG_MAP, exactly:
+--   $dfs_gateway_begun $request_length $bytes_sent $body_bytes_sent
+--   $request_completion|$upstream_addr|$upstream_status|
+--   $upstream_response_time                         (one line, no breaks)
+-- log() reads that one variable instead of six or seven: every ngx.var
+-- read is a round trip through nginx's variable lookup (by name, hashed,
+-- then copied into a new Lua string) that costs more than a metric update.
 --
 -- Families (prefix dfs_gateway_), as in docs/contract.md:
 --   requests_total{op,status}, request_duration_seconds{op},
@@ -25,7 +36,8 @@
 --
 -- What is measured, exactly:
 --   op           from the method; PROPFIND by its Depth header (0 = stat,
---                1, infinity or absent = list); unknown methods = other.
+--                1, infinity, empty or absent = list); unknown methods =
+--                other.
 --   status       ngx.status at log time (what the client got, 499 included).
 --   duration     ngx.now() - ngx.req.start_time() (the clock $request_time
 --                uses, millisecond resolution).
@@ -49,14 +61,27 @@
 --                group, the response time in the node's histogram. When no
 --                node is left to try nginx reports the upstream group's name
 --                as the address: that name becomes the node label.
---   in flight    begin() adds 1 and marks ngx.ctx; log() takes 1 away only
---                for a marked request. ngx.ctx does not survive an internal
---                redirect (error_page, try_files, ngx.exec), so call begin()
---                and log() where no internal redirect happens after begin().
+--   in flight    from the server rewrite phase to the log phase of the
+--                requests that reach the server rewrite phase: begin() (in
+--                set_by_lua, no coroutine, no ngx.ctx) adds 1 and returns
+--                "1" into $dfs_gateway_begun; log() takes 1 away only when
+--                that variable is "1". Requests nginx rejects while reading
+--                the request header (400, 408, 414, 431/494) never reach
+--                that phase and are not counted in flight (they are in
+--                requests_total). Variables survive internal redirects
+--                (error_page, try_files, ngx.exec): after one, begin() runs
+--                again in the server rewrite phase and does not count the
+--                request twice. The gauge is livesum: a worker that exits or
+--                is killed takes its requests with it. Subrequests share
+--                their parent's variables: keep log_subrequest off (the
+--                default) in the gateway server, or a subrequest's log phase
+--                would take the parent out of flight and read the parent's
+--                $dfs_gateway_log before it is final.
 --
--- The per-request code reads only the nginx variables it needs, keeps one
--- series handle per label set in worker-local tables (a miss asks the core
--- once), and uses no pairs/ipairs and no string patterns.
+-- The per-request code reads one nginx variable (two for a 2xx PUT or a
+-- PROPFIND), keeps one series handle per label set in worker-local tables
+-- (a miss asks the core once), and uses no pairs/ipairs and no string
+-- patterns.
 
 local shmprom = require "resty.shmprom"
 
@@ -64,6 +89,8 @@ local ngx = ngx
 local var = ngx.var
 local get_method = ngx.req.get_method
 local start_time = ngx.req.start_time
+local is_internal = ngx.req.is_internal
+local get_phase = ngx.get_phase
 local now = ngx.now
 local tonumber = tonumber
 local type = type
@@ -78,6 +105,11 @@ local setmetatable = setmetatable
 local _M = { _VERSION = "0.1.0" }
 
 _M.PREFIX = "dfs_gateway_"
+
+-- the value of the $dfs_gateway_log map that log() parses (see the top)
+_M.LOG_MAP = "$dfs_gateway_begun $request_length $bytes_sent"
+    .. " $body_bytes_sent $request_completion"
+    .. "|$upstream_addr|$upstream_status|$upstream_response_time"
 
 -- seconds; the request and upstream duration histograms
 _M.DURATION_BUCKETS = {
@@ -372,8 +404,6 @@ function _M.init(opts)
     local f_attempts, f_failures = f.attempts, f.failures
     local f_retries, f_updur = f.retries, f.upstream_duration
 
-    local begin_used = false
-
     local gw = {
         metrics = m,
         families = f,
@@ -385,8 +415,8 @@ function _M.init(opts)
         },
     }
 
-    -- one attempt of the upstream lists
-    local function attempt(node, status, rt, retried)
+    -- the counters of one attempt of the upstream lists
+    local function attempt_counts(node, status, retried)
         local s = series2(c_attempts, f_attempts, node, status)
         if s then
             s:inc(1)
@@ -403,107 +433,163 @@ function _M.init(opts)
                 s:inc(1)
             end
         end
+    end
+
+    local function upstream_time(node, rt)
         local t = tonumber(rt)
         if t then
-            s = series1(c_updur, f_updur, node)
+            local s = series1(c_updur, f_updur, node)
             if s then
                 s:observe(t)
             end
         end
     end
 
-    local function upstream(addr)
-        local ustatus = var.upstream_status or "-"
-        local utime = var.upstream_response_time or "-"
-        if not find(addr, " ", 1, true) then
-            -- one attempt: the common case
-            attempt(addr, ustatus, utime, false)
-            return
-        end
-        walk_upstream(addr, ustatus, utime, attempt)
-    end
-    function gw.begin()
-        local ctx = ngx.ctx
-        if ctx.shmprom_gw_flight then
-            return
-        end
-        begin_used = true
-        ctx.shmprom_gw_flight = true
-        f_in_flight:inc(1)
+    -- one attempt of the upstream lists, all its metrics
+    local function attempt(node, status, rt, retried)
+        attempt_counts(node, status, retried)
+        upstream_time(node, rt)
     end
 
+    -- a misplaced begin()/log(): said once per worker, nothing is recorded
+    local said = {}
+    local function say_once(what, msg)
+        if not said[what] then
+            said[what] = true
+            ngx.log(ngx.ERR, "resty.shmprom.gateway: ", msg)
+        end
+    end
+
+    function gw.begin()
+        if get_phase() ~= "set" then
+            say_once("begin", "begin() belongs in \"set_by_lua_block"
+                     .. " $dfs_gateway_begun { return gateway.begin() }\""
+                     .. " (called in the " .. get_phase() .. " phase: requests"
+                     .. " in flight are not counted)")
+            return ""
+        end
+        -- after an internal redirect the server rewrite phase runs again:
+        -- the request was counted once if its first pass set the variable
+        if is_internal() and var.dfs_gateway_begun == "1" then
+            return "1"
+        end
+        f_in_flight:inc(1)
+        return "1"
+    end
+
+    -- $dfs_gateway_log (a map in the nginx configuration, _M.LOG_MAP):
+    -- "B RL BS BBS RC|UA|US|UT" with B = $dfs_gateway_begun, RL =
+    -- $request_length, BS = $bytes_sent, BBS = $body_bytes_sent, RC =
+    -- $request_completion, UA/US/UT = the upstream address/status/response
+    -- time lists. One variable read instead of six or seven; the fields
+    -- before "|" are numbers, "OK" or empty, the upstream lists have no
+    -- "|". $content_length (a 2xx PUT) and the Depth header (PROPFIND) are
+    -- read on their own, only when needed: in the map nginx would work
+    -- them out for every request.
     function gw.log()
-        if begin_used then
-            local ctx = ngx.ctx
-            if ctx.shmprom_gw_flight then
-                ctx.shmprom_gw_flight = nil
+        -- Counters first, histograms last, and only these five locals
+        -- live across the histograms: an observation that falls in another
+        -- bucket than the one the trace was recorded with leaves the trace,
+        -- and the side trace LuaJIT compiles from there inherits every slot
+        -- of this frame below the call. With the parse's dozen locals still
+        -- there it gives up ("NYI: register coalescing too complex") and
+        -- such requests finish in the interpreter, after a new failed
+        -- compile each time; the block below frees their slots.
+        local op, dt, size, node, utime
+        do
+            local s = var.dfs_gateway_log
+            if s == nil then
+                say_once("log", "log() needs the $dfs_gateway_log map of"
+                         .. " nginx-conf/gateway.conf in the http block:"
+                         .. " nothing is recorded")
+                return
+            end
+            local e1 = find(s, " ", 1, true)
+            if e1 == 2 then -- "1": begin() counted this request
                 f_in_flight:dec(1)
             end
-        end
-
-        local method = get_method()
-        local op = OPS[method]
-        if op == nil then
-            -- the Depth header is read only for PROPFIND
-            op = classify(method, method == "PROPFIND" and var.http_depth)
-        end
-
-        local status = ngx.status
-        local s = series2(c_requests, f_requests, op, status)
-        if s then
-            s:inc(1)
-        end
-
-        local dt = now() - start_time()
-        if dt < 0 then
-            dt = 0
-        end
-        s = series1(c_duration, f_duration, op)
-        if s then
-            s:observe(dt)
-        end
-
-        local n = tonumber(var.request_length)
-        if n then
-            s = series1(c_received, f_received, op)
-            if s then
-                s:inc(n)
+            local e2 = e1 and find(s, " ", e1 + 1, true)
+            local e3 = e2 and find(s, " ", e2 + 1, true)
+            local e4 = e3 and find(s, " ", e3 + 1, true)
+            local b1 = e4 and find(s, "|", e4 + 1, true)
+            local b2 = b1 and find(s, "|", b1 + 1, true)
+            local b3 = b2 and find(s, "|", b2 + 1, true)
+            if b3 == nil then
+                say_once("format", "$dfs_gateway_log is not the map of"
+                         .. " nginx-conf/gateway.conf (got \"" .. s .. "\"):"
+                         .. " nothing is recorded")
+                return
             end
-        end
-        n = tonumber(var.bytes_sent)
-        if n then
-            s = series1(c_sent, f_sent, op)
-            if s then
-                s:inc(n)
-            end
-        end
 
-        if op == "write" then
-            if status >= 200 and status < 300 then
-                n = tonumber(var.content_length)
-                if n then
-                    s = series1(c_object_size, f_object_size, "write")
-                    if s then
-                        s:observe(n)
-                    end
+            local method = get_method()
+            op = OPS[method]
+            if op == nil then
+                -- the Depth header matters only for PROPFIND
+                op = classify(method, method == "PROPFIND" and var.http_depth)
+            end
+            local status = ngx.status
+            dt = now() - start_time()
+            if dt < 0 then
+                dt = 0
+            end
+
+            local sr = series2(c_requests, f_requests, op, status)
+            if sr then
+                sr:inc(1)
+            end
+            local n = tonumber(sub(s, e1 + 1, e2 - 1))
+            if n then
+                sr = series1(c_received, f_received, op)
+                if sr then
+                    sr:inc(n)
                 end
             end
-        elseif op == "read" then
-            if (status == 200 or status == 206)
-               and var.request_completion == "OK" then
-                n = tonumber(var.body_bytes_sent)
-                if n then
-                    s = series1(c_object_size, f_object_size, "read")
-                    if s then
-                        s:observe(n)
-                    end
+            n = tonumber(sub(s, e2 + 1, e3 - 1))
+            if n then
+                sr = series1(c_sent, f_sent, op)
+                if sr then
+                    sr:inc(n)
+                end
+            end
+
+            if op == "write" then
+                if status >= 200 and status < 300 then
+                    size = tonumber(var.content_length)
+                end
+            elseif op == "read" then
+                -- request_completion is "OK" or empty
+                if (status == 200 or status == 206) and b1 - e4 == 3 then
+                    size = tonumber(sub(s, e3 + 1, e4 - 1))
+                end
+            end
+
+            if b2 > b1 + 1 then -- $upstream_addr is set
+                local addr = sub(s, b1 + 1, b2 - 1)
+                local ustatus = b3 > b2 + 1 and sub(s, b2 + 1, b3 - 1) or "-"
+                utime = b3 < #s and sub(s, b3 + 1) or "-"
+                if find(addr, " ", 1, true) then
+                    -- several attempts (rare): all their metrics now
+                    walk_upstream(addr, ustatus, utime, attempt)
+                else
+                    -- one attempt: the common case; its time below
+                    node = addr
+                    attempt_counts(addr, ustatus, false)
                 end
             end
         end
 
-        local addr = var.upstream_addr
-        if addr then
-            upstream(addr)
+        if size then
+            local sr = series1(c_object_size, f_object_size, op)
+            if sr then
+                sr:observe(size)
+            end
+        end
+        if node then
+            upstream_time(node, utime)
+        end
+        local sr = series1(c_duration, f_duration, op)
+        if sr then
+            sr:observe(dt)
         end
     end
 
