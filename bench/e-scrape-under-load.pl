@@ -252,9 +252,11 @@ for my $r (0 .. $ROUNDS - 1) {
             $runs{$mode}[$r]{scrapes} = scalar(split /\n/, slurp($file) // '');
         }
         $runs{$mode}[$r]{wrk} = $res;
-        logmsg sprintf('(e) round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms wall %.1f ms',
+        logmsg sprintf('(e) round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms wall %.1f ms'
+                       . ' cpu/req %.2f us',
                        $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
-                       $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall});
+                       $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall},
+                       $res->{cpu_us_per_req} // -1);
     }
 }
 nginx_stop($nx);
