@@ -7,6 +7,7 @@
 # Content-Encoding, Vary), Accept-Encoding variants (q=0, "*", x-gzip, case),
 # OpenMetrics, bodies of several 256 KiB pieces, nginx's own gzip filter on
 # the same location (no double compression), the zone option gzip = false,
+# render_nice (a zone at +19 still answers; bad values refused),
 # and curl --compressed.
 use strict;
 use warnings;
@@ -31,8 +32,17 @@ my $n = ShmpromTest->new(
         g = metrics:gauge("gz_level", "Gauge", {"which"})
         h = metrics:histogram("gz_duration_seconds", "Latency", {"op"}, {0.001, 0.01, 0.1, 1, 10})
         u = metrics:counter("gz_untouched_total", "Never incremented")
-        plain_only = shmprom.new{ zone = "gz_off", size = "1m", gzip = false }
+        plain_only = shmprom.new{ zone = "gz_off", size = "1m", gzip = false, render_nice = 0 }
         p = plain_only:counter("gz_off_total", "In a zone without gzip")
+        niced = shmprom.new{ zone = "gz_nice", size = "1m", render_nice = 19 }
+        niced:counter("gz_nice_total", "In a zone rendered at nice +19"):inc(5)
+        opt_errors = {}
+        for _, o in ipairs{ { gzip = "yes" }, { render_nice = 20 }, { render_nice = -1 },
+                            { render_nice = 2.5 }, { render_nice = "5" } } do
+            o.zone = "gz_bad"
+            local ok, err = pcall(shmprom.new, o)
+            opt_errors[#opt_errors + 1] = ok and "accepted" or tostring(err)
+        end
 LUA
     server => <<'CONF',
         location = /fill {
@@ -52,6 +62,8 @@ LUA
         }
         location = /metrics { content_by_lua_block { metrics:collect() } }
         location = /metrics-off { content_by_lua_block { plain_only:collect() } }
+        location = /metrics-nice { content_by_lua_block { niced:collect() } }
+        location = /opt-errors { content_by_lua_block { ngx.say(table.concat(opt_errors, "\n")) } }
         location = /metrics-nginx-gzip {
             gzip on;
             gzip_min_length 1;
@@ -175,6 +187,15 @@ is($off->{status}, 200, 'gzip = false: 200');
 ok(!exists $off->{headers}{'content-encoding'}, 'gzip = false: no Content-Encoding');
 ok(!exists $off->{headers}{vary}, 'gzip = false: no Vary');
 like($off->{body}, qr/^gz_off_total 3$/m, 'gzip = false: plain text');
+
+# render_nice: a zone rendered at nice +19 still answers; bad values refused
+my $nice = $n->get('/metrics-nice', 'Accept-Encoding' => 'gzip');
+my ($nt) = ungz($nice->{body});
+like($nt // '', qr/^gz_nice_total 5$/m, 'render_nice = 19: rendered and compressed');
+my @oe = split /\n/, $n->get('/opt-errors')->{body};
+is(scalar @oe, 5, 'five bad option sets tried');
+like($oe[0], qr/'gzip' must be a boolean/, 'gzip = "yes" refused');
+like($_, qr/'render_nice' must be a whole number 0-19/, 'bad render_nice refused') for @oe[1 .. 4];
 
 # curl --compressed (asks for gzip, decompresses)
 SKIP: {
