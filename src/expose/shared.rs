@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// How many nice steps a render thread goes below the thread that starts
 /// it, unless [`set_nice`] said otherwise for the zone.
-pub const DEFAULT_NICE: i32 = 10;
+pub const DEFAULT_NICE: i32 = 5;
 
 /// Content coding of a render handed to a scraper.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -685,7 +685,7 @@ pub unsafe extern "C" fn shmprom_render_poll_enc(
 }
 
 /// Sets how many steps (0-19) of nice value the render threads of this
-/// process for `z` run below the thread that starts them (default 10; 0:
+/// process for `z` run below the thread that starts them (default 5; 0:
 /// the same priority), so that request traffic wins a busy machine's cores.
 ///
 /// # Safety
