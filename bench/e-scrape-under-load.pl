@@ -14,7 +14,7 @@
 #       a mode may end in -niceN (every1s-gzip-nice0): the render threads
 #       run at that render_nice during its runs (set through the C ABI at
 #       the next scrape of each worker); when any mode does, the others run
-#       at the default, 10
+#       at the default, 5
 #   BENCH_E_NEW_OPTS='gzip = false'   more options for shmprom.new
 
 use strict;
@@ -230,7 +230,7 @@ for my $r (0 .. $ROUNDS - 1) {
     my @order = (@MODES[$r % @MODES .. $#MODES], @MODES[0 .. $r % @MODES - 1]);
     for my $mode (@order) {
         my $file = "$WORK/e-scrapes-$r-$mode.txt";
-        http_get("http://127.0.0.1:$mport/nice?n=" . ($mode =~ /-nice(\d+)$/ ? $1 : 10), 5)
+        http_get("http://127.0.0.1:$mport/nice?n=" . ($mode =~ /-nice(\d+)$/ ? $1 : 5), 5)
             if $SET_NICE;
         http_get("http://127.0.0.1:$mport/stall/reset", 5);
         sleep 0.05;
