@@ -6,8 +6,16 @@
 # of the load port; /metrics (m:collect()) on another port of the same
 # workers. Per run wrk loads the README port while a scraper process (forked
 # here, stopped by pid) fetches /metrics: never, once a second, or back to
-# back. Modes alternate (rotated order per round); req/s and p99 per mode are
-# set against the no-scrape run of the same round, medians over rounds.
+# back; once a second also with `Accept-Encoding: gzip`, as Prometheus
+# sends it. Modes alternate (rotated order per round); req/s and p99 per mode
+# are set against the no-scrape run of the same round, medians over rounds.
+#
+#   BENCH_E_MODES="none every1s"   a subset of the modes (none is needed);
+#       a mode may end in -niceN (every1s-gzip-nice0): the render threads
+#       run at that render_nice during its runs (set through the C ABI at
+#       the next scrape of each worker); when any mode does, the others run
+#       at the default, 5
+#   BENCH_E_NEW_OPTS='gzip = false'   more options for shmprom.new
 
 use strict;
 use warnings;
@@ -22,7 +30,10 @@ use Time::HiRes qw(time sleep);
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 10);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
-my @MODES = qw(none every1s continuous);
+my @MODES = split ' ', ($ENV{BENCH_E_MODES} || 'none every1s every1s-gzip continuous');
+die "BENCH_E_MODES must include none\n" unless grep { $_ eq 'none' } @MODES;
+my $NEW_OPTS = $ENV{BENCH_E_NEW_OPTS} ? ", $ENV{BENCH_E_NEW_OPTS}" : '';
+my $SET_NICE = grep { /-nice\d+$/ } @MODES;
 
 my ($port, $mport) = free_ports(2);
 my $paths = lua_paths();
@@ -38,10 +49,11 @@ http {
     $paths
     access_log off;
     lua_shared_dict stall 1m;
+    lua_shared_dict bench_ctl 64k;
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
-        bench_m = shmprom.new{ zone = "bench_e", size = "64m" }
+        bench_m = shmprom.new{ zone = "bench_e", size = "64m"$NEW_OPTS }
         bench_c = bench_m:counter("bench_c_requests_total", "Requests",
                                   { "route", "status" })
         bench_h = bench_m:histogram("bench_c_duration_seconds", "Latency",
@@ -66,7 +78,23 @@ http {
     }
     server {
         listen 127.0.0.1:$mport;
-        location = /metrics { content_by_lua_block { bench_m:collect() } }
+        location = /metrics {
+            content_by_lua_block {
+                local n = ngx.shared.bench_ctl:get("render_nice")
+                if n and n ~= bench_nice then
+                    bench_nice = n
+                    local ffi = require "ffi"
+                    ffi.load(bench_m.lib).shmprom_render_set_nice(bench_m.ptr, n)
+                end
+                bench_m:collect()
+            }
+        }
+        location = /nice {
+            content_by_lua_block {
+                ngx.shared.bench_ctl:set("render_nice", tonumber(ngx.var.arg_n))
+                ngx.say("ok")
+            }
+        }
         location = /stall/reset {
             content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
         }
@@ -152,7 +180,8 @@ sub scraper {
         my $t0 = time;
         my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $mport, Proto => 'tcp',
                                       Timeout => 10) or next;
-        print {$s} "GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
+        my $ae = $mode =~ /gzip/ ? "Accept-Encoding: gzip\r\n" : '';
+        print {$s} "GET /metrics HTTP/1.1\r\nHost: bench\r\n${ae}Connection: close\r\n\r\n";
         my ($buf, $n, $head) = ('', 0, '');
         while (my $r = sysread($s, $buf, 1 << 20)) {
             $head = substr($buf, 0, 12) if $n == 0;
@@ -161,7 +190,7 @@ sub scraper {
         close $s;
         my $t1 = time;
         printf {$out} "%.6f %d %s\n", $t1 - $t0, $n, $head =~ /HTTP\/1\.1 200/ ? 'ok' : 'bad';
-        if ($mode eq 'every1s') {
+        if ($mode =~ /^every1s/) {
             my $left = $t0 + 1 - time;
             sleep $left if $left > 0;
         }
@@ -201,6 +230,8 @@ for my $r (0 .. $ROUNDS - 1) {
     my @order = (@MODES[$r % @MODES .. $#MODES], @MODES[0 .. $r % @MODES - 1]);
     for my $mode (@order) {
         my $file = "$WORK/e-scrapes-$r-$mode.txt";
+        http_get("http://127.0.0.1:$mport/nice?n=" . ($mode =~ /-nice(\d+)$/ ? $1 : 5), 5)
+            if $SET_NICE;
         http_get("http://127.0.0.1:$mport/stall/reset", 5);
         sleep 0.05;
         my $pid;
@@ -221,9 +252,11 @@ for my $r (0 .. $ROUNDS - 1) {
             $runs{$mode}[$r]{scrapes} = scalar(split /\n/, slurp($file) // '');
         }
         $runs{$mode}[$r]{wrk} = $res;
-        logmsg sprintf('(e) round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms wall %.1f ms',
+        logmsg sprintf('(e) round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms wall %.1f ms'
+                       . ' cpu/req %.2f us',
                        $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
-                       $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall});
+                       $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall},
+                       $res->{cpu_us_per_req} // -1);
     }
 }
 nginx_stop($nx);
@@ -251,7 +284,7 @@ for my $mode (@MODES) {
     my $med_scrape = median(map { $_->{secs} } @$sc);
     my ($rmed, $pmed) = (median(@rr), median(@pr));
     my $target = '';
-    if ($mode eq 'every1s') {
+    if ($mode =~ /^every1s/) {
         $target = sprintf('req/s >= 0.95: %s; p99 <= 1.5x: %s',
                           $rmed >= 0.95 ? 'met' : sprintf('MISSED by %.3f', 0.95 - $rmed),
                           $pmed <= 1.5 ? 'met' : sprintf('MISSED (%.2fx)', $pmed));
@@ -262,13 +295,17 @@ for my $mode (@MODES) {
                   sprintf('%.1f / %.1f', median(@busy), median(@wall)),
                   $mode eq 'none' ? '-' : sprintf('%.3f', median(@cpr)),
                   $mode eq 'none' ? '-' : sprintf('%.1f%%', 100 * median(@scpu)),
-                  $mode eq 'none' ? '-' : sprintf('%s per run; median %.0f ms each%s', median(@n),
-                                                  1000 * ($med_scrape // 0), $bad ? "; $bad failed" : ''),
+                  $mode eq 'none' ? '-' : sprintf('%s per run; median %.0f ms, %s bytes each%s',
+                                                  median(@n), 1000 * ($med_scrape // 0),
+                                                  fmt_num(median(map { $_->{bytes} } @$sc) // 0),
+                                                  $bad ? "; $bad failed" : ''),
                   $target ];
-    if ($mode eq 'every1s') {
-        add_target('e-rps', '(e) 1 scrape/s of 230k series under load: req/s vs no scraping', '>= 0.95',
+    if ($mode =~ /^every1s/) {
+        my ($id, $how) = $mode eq 'every1s' ? ('e', '') : ("e-$mode", " ($mode)");
+        $id =~ s/^e-every1s-/e-/;
+        add_target("$id-rps", "(e) 1 scrape/s of 230k series$how under load: req/s vs no scraping", '>= 0.95',
                    sprintf('%.3f', $rmed), $rmed >= 0.95 ? 'met' : sprintf('MISSED by %.3f', 0.95 - $rmed));
-        add_target('e-p99', '(e) 1 scrape/s of 230k series under load: p99 vs no scraping', '<= 1.5x',
+        add_target("$id-p99", "(e) 1 scrape/s of 230k series$how under load: p99 vs no scraping", '<= 1.5x',
                    sprintf('%.2fx (%.1f ms vs %.1f ms)', $pmed, 1000 * median(@p99),
                            1000 * median(map { $runs{none}[$_]{wrk}{p99} } 0 .. $ROUNDS - 1)),
                    $pmed <= 1.5 ? 'met' : sprintf('MISSED by %.2fx', $pmed - 1.5));

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define SHMPROM_ABI_VERSION 1
+#define SHMPROM_ABI_VERSION 2
 
 #define SHMPROM_OK 0
 #define SHMPROM_EINVAL (-1)
@@ -72,6 +72,11 @@ void shmprom_buf_free(uint8_t *buf, size_t len);
 int shmprom_render_poll(shmprom_zone *z, uint32_t format, uint64_t not_before_ns,
                         const uint8_t **out, size_t *len, const void **handle,
                         char *err, size_t errlen);
+int shmprom_render_poll_enc(shmprom_zone *z, uint32_t format, uint32_t encoding,
+                            uint64_t not_before_ns, const uint8_t **out,
+                            size_t *len, const void **handle, char *err,
+                            size_t errlen);
+void shmprom_render_set_nice(shmprom_zone *z, int32_t nice);
 void shmprom_render_release(const void *handle);
 uint64_t shmprom_clock_ns(void);
 int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);

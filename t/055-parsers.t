@@ -1,7 +1,8 @@
 # The exposition, text 0.0.4 and OpenMetrics 1.0, read by independent
 # parsers: Python's prometheus_client (both formats) and promtool (text),
 # with tricky content: escaped label values, invalid UTF-8, +Inf/-Inf
-# gauges, histograms, unlabelled metrics.
+# gauges, histograms, unlabelled metrics. Each format twice: as is, and
+# through `curl --compressed` (gzip on the wire, as Prometheus asks for it).
 use strict;
 use warnings;
 use FindBin;
@@ -46,21 +47,44 @@ CONF
 $n->start;
 is($n->get('/fill')->{status}, 200, 'series created');
 
-for my $fmt (qw(text openmetrics)) {
+my $have_curl = system('command -v curl >/dev/null') == 0;
+diag 'curl not installed: the gzip cases are skipped' unless $have_curl;
+
+# GET /metrics with curl --compressed: { status, headers, body (decompressed) }
+sub curl_get {
+    my (%h) = @_;
+    my ($hf, $hfile) = tempfile(UNLINK => 1);
+    my ($bf, $bfile) = tempfile(UNLINK => 1);
+    system('curl', '-sS', '--compressed', '-o', $bfile, '-D', $hfile,
+           (map { ('-H', "$_: $h{$_}") } keys %h), $n->url('/metrics'));
+    my $head = do { local $/; open my $f, '<', $hfile or die; <$f> } // '';
+    my $body = do { local $/; open my $f, '<', $bfile or die; binmode $f; <$f> } // '';
+    my ($status) = $head =~ m{^HTTP/\S+ (\d+)};
+    my %hdr = map { /^([^:]+):\s*(.*?)\r?$/ ? (lc $1, $2) : () } split /\n/, $head;
+    return { status => $status // 599, headers => \%hdr, body => $body };
+}
+
+for my $case (qw(text openmetrics text+gzip openmetrics+gzip)) {
+    my ($fmt, $gz) = split /\+/, $case;
+    next if $gz && !$have_curl;
     my %h = $fmt eq 'openmetrics'
         ? (Accept => 'application/openmetrics-text; version=1.0.0,text/plain;q=0.5') : ();
-    my $r = $n->get('/metrics', %h);
-    is($r->{status}, 200, "$fmt: 200");
+    my $r = $gz ? curl_get(%h) : $n->get('/metrics', %h);
+    my $what = $case;
+    if ($gz) {
+        is($r->{headers}{'content-encoding'}, 'gzip', "$what: gzip on the wire");
+    }
+    is($r->{status}, 200, "$what: 200");
     like($r->{headers}{'content-type'},
          $fmt eq 'openmetrics' ? qr{^application/openmetrics-text; version=1\.0\.0; charset=utf-8$}
                                : qr{^text/plain; version=0\.0\.4; charset=utf-8$},
-         "$fmt: Content-Type");
+         "$what: Content-Type");
     my ($fh, $file) = tempfile(UNLINK => 1);
     binmode $fh;
     print $fh $r->{body};
     close $fh;
     my @py = `python3 $FindBin::Bin/lib/parse_exposition.py $fmt $file`;
-    is($?, 0, "$fmt: prometheus_client parses it") or diag join('', @py[0 .. ($#py < 20 ? $#py : 20)]);
+    is($?, 0, "$what: prometheus_client parses it") or diag join('', @py[0 .. ($#py < 20 ? $#py : 20)]);
     my %py;
     for (@py) {
         chomp;
@@ -73,29 +97,29 @@ for my $fmt (qw(text openmetrics)) {
     my @missing = grep { !exists $py{$_} } sort keys %ours;
     my @extra   = grep { !exists $ours{$_} } sort keys %py;
     # prometheus_client adds _created samples for OpenMetrics counters only if present; none here
-    is_deeply(\@missing, [], "$fmt: every sample we read, prometheus_client read");
-    is_deeply(\@extra, [], "$fmt: prometheus_client read no sample we did not");
+    is_deeply(\@missing, [], "$what: every sample we read, prometheus_client read");
+    is_deeply(\@extra, [], "$what: prometheus_client read no sample we did not");
     my @diff = grep { exists $py{$_} && !same($py{$_}, $ours{$_}) } sort keys %ours;
-    is_deeply(\@diff, [], "$fmt: values agree") or diag map { "$_: $py{$_} vs $ours{$_}\n" } @diff;
-    ok(exists $py{'p_requests_total{code="200",path="/a\\"b\\\\c"}'}, "$fmt: quote and backslash escaped");
-    ok(exists $py{'p_requests_total{code="404",path="/new\\nline"}'}, "$fmt: newline escaped");
+    is_deeply(\@diff, [], "$what: values agree") or diag map { "$_: $py{$_} vs $ours{$_}\n" } @diff;
+    ok(exists $py{'p_requests_total{code="200",path="/a\\"b\\\\c"}'}, "$what: quote and backslash escaped");
+    ok(exists $py{'p_requests_total{code="404",path="/new\\nline"}'}, "$what: newline escaped");
     ok(exists $py{"p_requests_total{code=\"500\",path=\"bad\x{fffd}utf8\"}"}
        || exists $py{"p_requests_total{code=\"500\",path=\"bad\xef\xbf\xbdutf8\"}"},
-       "$fmt: invalid UTF-8 replaced by U+FFFD");
-    is($py{'p_level{which="up"}'}, '+Inf', "$fmt: +Inf gauge");
-    is($py{'p_level{which="down"}'}, '-Inf', "$fmt: -Inf gauge");
-    is($py{'p_duration_seconds_count{op="read"}'} + 0, 100, "$fmt: histogram count");
-    is($py{'p_duration_seconds_bucket{le="+Inf",op="read"}'} + 0, 100, "$fmt: +Inf bucket == count");
-    is($py{'p_duration_seconds_bucket{le="0.001",op="write"}'} + 0, 0, "$fmt: empty buckets exported");
-    is($py{'p_untouched_total'} + 0, 0, "$fmt: unlabelled counter at 0");
+       "$what: invalid UTF-8 replaced by U+FFFD");
+    is($py{'p_level{which="up"}'}, '+Inf', "$what: +Inf gauge");
+    is($py{'p_level{which="down"}'}, '-Inf', "$what: -Inf gauge");
+    is($py{'p_duration_seconds_count{op="read"}'} + 0, 100, "$what: histogram count");
+    is($py{'p_duration_seconds_bucket{le="+Inf",op="read"}'} + 0, 100, "$what: +Inf bucket == count");
+    is($py{'p_duration_seconds_bucket{le="0.001",op="write"}'} + 0, 0, "$what: empty buckets exported");
+    is($py{'p_untouched_total'} + 0, 0, "$what: unlabelled counter at 0");
     if ($fmt eq 'text') {
         SKIP: {
             skip 'promtool not installed', 1 unless system('command -v promtool >/dev/null') == 0;
             my $out = `promtool check metrics < $file 2>&1`;
-            is($?, 0, 'text: promtool check metrics passes') or diag $out;
+            is($?, 0, "$what: promtool check metrics passes") or diag $out;
         }
     } else {
-        like($r->{body}, qr/\n# EOF\n\z/, 'openmetrics: ends with # EOF');
+        like($r->{body}, qr/\n# EOF\n\z/, "$what: ends with # EOF");
     }
 }
 

@@ -1,6 +1,6 @@
 # Issue 7.3: a Lua wrapper paired with a library of another ABI version.
 # The wrapper under test is lua/resty/shmprom.lua copied unchanged but for
-# `ABI = 1` -> `ABI = 999`, put first on lua_package_path. nginx must refuse
+# `ABI = N` -> `ABI = 999`, put first on lua_package_path. nginx must refuse
 # to start with a clear "version mismatch" message (in the command's output
 # and the error log), and leave nothing running: no master, no worker. The
 # same config with the real wrapper then starts.
@@ -91,7 +91,7 @@ my $log = $n->error_log(since => $mark);
 like($log, qr/version mismatch/, 'the error log says "version mismatch"') or diag $log;
 my ($line) = grep { /version mismatch/ } split /\n/, $log;
 $line //= '';
-like($line, qr/ABI 1\b/, 'the message names the library\'s ABI');
+like($line, qr/ABI $abi\b/, 'the message names the library\'s ABI');
 like($line, qr/needs ABI 999\b/, 'the message names the wrapper\'s ABI');
 like($line, qr/\Q$LIB\E|libshmprom\.so/, 'the message names the library file');
 like($line, qr/\[(?:emerg|error|alert)\]/, 'logged at error level or above');

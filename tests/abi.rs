@@ -113,8 +113,8 @@ fn header_matches_rust() {
         32,
         "struct size as C lays it out"
     );
-    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 1;"));
-    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 1);
+    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 2;"));
+    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 2);
 }
 
 #[test]

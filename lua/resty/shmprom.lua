@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 1,
+    ABI = 2,
 }
 
 local FFI_OK = 0
@@ -254,6 +254,16 @@ function _M.new(opts)
         error("shmprom.new: 'render_cache' must be a number of seconds >= 0",
               2)
     end
+    local gzip = opts.gzip
+    if gzip ~= nil and type(gzip) ~= "boolean" then
+        error("shmprom.new: 'gzip' must be a boolean", 2)
+    end
+    local render_nice = opts.render_nice
+    if render_nice ~= nil and (type(render_nice) ~= "number"
+                               or render_nice < 0 or render_nice > 19
+                               or render_nice ~= floor(render_nice)) then
+        error("shmprom.new: 'render_nice' must be a whole number 0-19", 2)
+    end
     load_lib(opts.lib, 2)
     local existing = zones[name]
     if existing then
@@ -270,6 +280,9 @@ function _M.new(opts)
     end
     if grace then
         C.shmprom_zone_set_grace(out[0], grace)
+    end
+    if render_nice then
+        C.shmprom_render_set_nice(out[0], render_nice)
     end
     local info = ffi_new("shmprom_zone_info")
     if C.shmprom_zone_get_info(out[0], info) ~= FFI_OK then
@@ -293,6 +306,7 @@ function _M.new(opts)
         render_cache = render_cache,
         ttl = ttl,
         render_thread = opts.render_thread ~= false,
+        gzip = gzip ~= false,
         lib = lib_path,
     }, Zone)
     zones[name] = z
@@ -1025,8 +1039,8 @@ end
 
 -- Renders on a thread of the library while this request sleeps, so the
 -- worker keeps serving; returns the render's pointer, length and handle
--- (release with C.shmprom_render_release).
-local function render_async(z, fmt, max_age)
+-- (release with C.shmprom_render_release). enc: 0 the text, 1 gzip.
+local function render_async(z, fmt, enc, max_age)
     local out = ffi_new("const uint8_t*[1]")
     local len = ffi_new("size_t[1]")
     local handle = ffi_new("const void*[1]")
@@ -1037,8 +1051,8 @@ local function render_async(z, fmt, max_age)
     ngx.update_time()
     local deadline = ngx.now() + RENDER_TIMEOUT
     while true do
-        local rc = C.shmprom_render_poll(z.ptr, fmt, not_before, out, len,
-                                         handle, errbuf, ERRLEN)
+        local rc = C.shmprom_render_poll_enc(z.ptr, fmt, enc, not_before, out,
+                                             len, handle, errbuf, ERRLEN)
         if rc == 1 then
             return out[0], tonumber(len[0]), handle[0]
         elseif rc ~= 0 then
@@ -1060,12 +1074,44 @@ end
 -- for the client to take the data, and the worker serves others.
 local PRINT_CHUNK = 256 * 1024
 
+-- Whether an Accept-Encoding header value accepts gzip: a "gzip" (or
+-- "x-gzip") coding, else "*", with a q-value above 0.
+local function accepts_gzip(ae)
+    if not ae then
+        return false
+    end
+    if type(ae) == "table" then -- the header given more than once
+        ae = concat(ae, ",")
+    end
+    local star
+    for item in ae:gmatch("[^,]+") do
+        local coding, params = item:match("^%s*([%w%*%-]+)%s*(.*)$")
+        if coding then
+            coding = coding:lower()
+            local q = 1
+            local qv = params:match(";%s*[qQ]%s*=%s*([%d%.]+)")
+            if qv then
+                q = tonumber(qv) or 0
+            end
+            if coding == "gzip" or coding == "x-gzip" then
+                return q > 0
+            elseif coding == "*" then
+                star = q > 0
+            end
+        end
+    end
+    return star or false
+end
+_M._accepts_gzip = accepts_gzip
+
 --- m:collect(opts?)
 -- content_by_lua*: prints the exposition with its Content-Type; OpenMetrics
 -- when the Accept header asks for application/openmetrics-text. The render
 -- runs off the worker's event loop and is sent in pieces; scrapes within
 -- opts.max_age (default: the zone's render_cache option, 0) of a render
--- share it.
+-- share it. A scraper whose Accept-Encoding takes gzip gets the render
+-- gzip-compressed (by the render thread, shared with the render) unless
+-- the zone's gzip option is false.
 function Zone:collect(opts)
     local accept = ngx.var.http_accept
     local om = accept and str_find(accept, "application/openmetrics-text", 1,
@@ -1084,7 +1130,9 @@ function Zone:collect(opts)
         return
     end
     local max_age = opts and opts.max_age or self.render_cache
-    local ptr, len, handle = render_async(self, om and 1 or 0, max_age)
+    local gz = self.gzip and accepts_gzip(ngx.var.http_accept_encoding)
+    local ptr, len, handle = render_async(self, om and 1 or 0, gz and 1 or 0,
+                                          max_age)
     if not ptr then
         ngx.status = 500
         ngx.log(ngx.ERR, "shmprom: ", len)
@@ -1092,6 +1140,12 @@ function Zone:collect(opts)
         return
     end
     ngx.header["Content-Type"] = ct
+    if self.gzip then
+        ngx.header["Vary"] = "Accept-Encoding"
+    end
+    if gz then
+        ngx.header["Content-Encoding"] = "gzip"
+    end
     if len <= PRINT_CHUNK then
         ngx.print(ffi_string(ptr, len))
     else

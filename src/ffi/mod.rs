@@ -12,7 +12,7 @@ use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Bumped whenever a signature or a struct of the C ABI changes.
-pub const SHMPROM_ABI_VERSION: u32 = 1;
+pub const SHMPROM_ABI_VERSION: u32 = 2;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;
@@ -639,7 +639,8 @@ pub unsafe extern "C" fn shmprom_check(
 /// 1 with `*out`/`*len`/`*handle` set when a render of `format` that started
 /// at or after `not_before_ns` (shmprom_clock_ns time) is ready (release it with
 /// shmprom_render_release); 0 while one is running (this call starts one if
-/// none is): call again; a negative code on failure.
+/// none is): call again; a negative code on failure. The same as
+/// shmprom_render_poll_enc with encoding 0.
 ///
 /// # Safety
 /// `out`, `len` and `handle` are writable; `err` holds `errlen` bytes.
@@ -647,6 +648,29 @@ pub unsafe extern "C" fn shmprom_check(
 pub unsafe extern "C" fn shmprom_render_poll(
     z: *mut shmprom_zone,
     format: u32,
+    not_before_ns: u64,
+    out: *mut *const u8,
+    len: *mut usize,
+    handle: *mut *const std::ffi::c_void,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    // SAFETY: the same contract.
+    unsafe { shmprom_render_poll_enc(z, format, 0, not_before_ns, out, len, handle, err, errlen) }
+}
+
+/// As shmprom_render_poll, with the body in content coding `encoding`:
+/// 0 identity (the text itself), 1 gzip (one gzip member of the text,
+/// compressed on the render thread and shared by the scrapers of that
+/// render).
+///
+/// # Safety
+/// `out`, `len` and `handle` are writable; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_render_poll_enc(
+    z: *mut shmprom_zone,
+    format: u32,
+    encoding: u32,
     not_before_ns: u64,
     out: *mut *const u8,
     len: *mut usize,
@@ -667,14 +691,27 @@ pub unsafe extern "C" fn shmprom_render_poll(
                 return SHMPROM_EINVAL;
             }
         };
-        match shared::poll(zone(z), fmt, not_before_ns) {
+        let enc = match encoding {
+            0 => shared::Encoding::Identity,
+            1 => shared::Encoding::Gzip,
+            _ => {
+                set_err(err, errlen, "unknown encoding");
+                return SHMPROM_EINVAL;
+            }
+        };
+        match shared::poll(zone(z), fmt, not_before_ns, enc) {
             shared::Poll::Ready(r) => {
+                let Some(body) = r.body(enc) else {
+                    set_err(err, errlen, "render has no body in that encoding");
+                    return SHMPROM_EPANIC;
+                };
+                let (p, n) = (body.as_ptr(), body.len());
                 // SAFETY: out, len, handle are writable per the contract; the
-                // Arc's count taken by into_raw keeps buf alive until
+                // Arc's count taken by into_raw keeps the body alive until
                 // shmprom_render_release.
                 unsafe {
-                    *out = r.buf.as_ptr();
-                    *len = r.buf.len();
+                    *out = p;
+                    *len = n;
                     *handle = std::sync::Arc::into_raw(r) as *const std::ffi::c_void;
                 }
                 1
@@ -686,6 +723,20 @@ pub unsafe extern "C" fn shmprom_render_poll(
             }
         }
     })
+}
+
+/// Sets how many steps (0-19) of nice value the render threads of this
+/// process for `z` run below the thread that starts them (default 5; 0:
+/// the same priority), so that request traffic wins a busy machine's cores.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_render_set_nice(z: *mut shmprom_zone, nice: i32) {
+    if z.is_null() {
+        return;
+    }
+    let _ = catch_unwind(|| shared::set_nice(zone(z), nice));
 }
 
 /// Releases a render handed out by shmprom_render_poll.
@@ -736,5 +787,95 @@ pub unsafe extern "C" fn shmprom_zone_set_grace(z: *mut shmprom_zone, secs: u32)
             .header()
             .reuse_grace
             .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Polls until ready: (rc, body copy).
+    fn poll_enc(z: *mut shmprom_zone, format: u32, enc: u32, nb: u64) -> (c_int, Vec<u8>) {
+        let mut out: *const u8 = std::ptr::null();
+        let mut len = 0usize;
+        let mut handle: *const std::ffi::c_void = std::ptr::null();
+        let mut err = [0 as c_char; 128];
+        for _ in 0..20_000 {
+            // SAFETY: every out-pointer is a live local; err holds 128 bytes.
+            let rc = unsafe {
+                shmprom_render_poll_enc(
+                    z,
+                    format,
+                    enc,
+                    nb,
+                    &mut out,
+                    &mut len,
+                    &mut handle,
+                    err.as_mut_ptr(),
+                    err.len(),
+                )
+            };
+            if rc != 0 {
+                let body = if rc == 1 {
+                    // SAFETY: rc 1: out holds len bytes until the release.
+                    let b = unsafe { std::slice::from_raw_parts(out, len) }.to_vec();
+                    // SAFETY: handle came from this poll, released once.
+                    unsafe { shmprom_render_release(handle) };
+                    b
+                } else {
+                    Vec::new()
+                };
+                return (rc, body);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("render did not finish");
+    }
+
+    #[test]
+    fn render_poll_enc_gzip_and_identity() {
+        let name = "ffi-poll-enc-test";
+        let mut z: *mut shmprom_zone = std::ptr::null_mut();
+        let mut err = [0 as c_char; 128];
+        // SAFETY: name holds name.len() bytes; z and err are live locals.
+        let rc = unsafe {
+            shmprom_zone_open(
+                name.as_ptr() as *const c_char,
+                name.len(),
+                1 << 20,
+                2,
+                std::ptr::null(),
+                &mut z,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        assert_eq!(rc, SHMPROM_OK);
+        // SAFETY: z comes from shmprom_zone_open; a null zone is ignored.
+        unsafe {
+            shmprom_render_set_nice(z, 2);
+            shmprom_render_set_nice(std::ptr::null_mut(), 2);
+        }
+        let nb = shmprom_clock_ns();
+        let (rc, plain) = poll_enc(z, 0, 0, nb);
+        assert_eq!(rc, 1);
+        assert!(plain.starts_with(b"# HELP "));
+        let (rc, gz) = poll_enc(z, 0, 1, nb);
+        assert_eq!(rc, 1);
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut text)
+            .unwrap();
+        assert_eq!(text, plain, "the same render, compressed");
+        let (rc, om) = poll_enc(z, 1, 1, shmprom_clock_ns());
+        assert_eq!(rc, 1);
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(&om[..])
+            .read_to_end(&mut text)
+            .unwrap();
+        assert!(text.ends_with(b"# EOF\n"));
+        assert_eq!(poll_enc(z, 0, 2, nb).0, SHMPROM_EINVAL, "unknown encoding");
+        assert_eq!(poll_enc(z, 2, 0, nb).0, SHMPROM_EINVAL, "unknown format");
     }
 }

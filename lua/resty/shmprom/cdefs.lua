@@ -48,6 +48,11 @@ void shmprom_buf_free(uint8_t *buf, size_t len);
 int shmprom_render_poll(shmprom_zone *z, uint32_t format, uint64_t not_before_ns,
                         const uint8_t **out, size_t *len, const void **handle,
                         char *err, size_t errlen);
+int shmprom_render_poll_enc(shmprom_zone *z, uint32_t format, uint32_t encoding,
+                            uint64_t not_before_ns, const uint8_t **out,
+                            size_t *len, const void **handle, char *err,
+                            size_t errlen);
+void shmprom_render_set_nice(shmprom_zone *z, int32_t nice);
 void shmprom_render_release(const void *handle);
 uint64_t shmprom_clock_ns(void);
 int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
