@@ -67,3 +67,10 @@ clean:
 .PHONY: asan
 asan:
 	RUSTFLAGS=-Zsanitizer=address cargo +nightly test --target x86_64-unknown-linux-gnu --target-dir target/asan
+
+# the pure-Rust unit tests (series table on heap memory, key encoding, plane
+# protocol, number formatting) under Miri: needs the nightly toolchain with
+# the miri and rust-src components; not part of `make test` (minutes)
+.PHONY: miri
+miri:
+	cargo +nightly miri test --lib --target-dir target/miri -- series::tests registry::tests planes::tests expose::fmt::tests

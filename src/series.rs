@@ -1144,6 +1144,16 @@ mod tests {
         cells_free_width: Vec<AtomicU32>,
     }
 
+    /// `full` under the native build, `small` under Miri (which runs the
+    /// same steps some thousand times slower).
+    fn scale(full: u32, small: u32) -> u32 {
+        if cfg!(miri) {
+            small
+        } else {
+            full
+        }
+    }
+
     fn mem(nslots: usize, key_bytes: usize) -> Mem {
         Mem {
             slots: (0..nslots)
@@ -1224,7 +1234,7 @@ mod tests {
         let mut m = mem(64, 1 << 12);
         let t = table(&mut m, 200);
         let mut now = 100;
-        for round in 0..500u32 {
+        for round in 0..scale(500, 40) {
             let keys: Vec<[u8; 4]> = (0..20u32).map(|k| (round * 20 + k).to_le_bytes()).collect();
             for k in &keys {
                 if let Err(e) = t.get_or_insert(3, k, 1, now) {
@@ -1243,7 +1253,7 @@ mod tests {
             }
             now += REUSE_GRACE_SECS;
         }
-        // 10,000 series went through a table of 64 slots: every slot got
+        // 10,000 series (800 under Miri) went through a table of 64 slots: every slot got
         // cells and a key record at most once
         assert!(t.slots_used.load(Ordering::Relaxed) <= 60);
         let cells = t.cells_used.load(Ordering::Relaxed);
@@ -1263,9 +1273,10 @@ mod tests {
         let mut m = mem(64, 80 * BLOCK as usize);
         let t = table(&mut m, 300);
         let mut now = 100;
-        for round in 0..400u32 {
-            let len = [8, 20, 40, 5][(round / 100) as usize];
-            let width = 1 + 2 * ((round / 50) % 2);
+        let rounds = scale(400, 40);
+        for round in 0..rounds {
+            let len = [8, 20, 40, 5][(round / (rounds / 4)) as usize];
+            let width = 1 + 2 * ((round / (rounds / 8)) % 2);
             let keys: Vec<Vec<u8>> = (0..20u32)
                 .map(|k| {
                     let mut v = vec![b'x'; len];
@@ -1365,7 +1376,7 @@ mod tests {
         let mut m = mem(1 << 12, 1 << 20);
         let t = table(&mut m, 1 << 20);
         // leave dead, reusable slots around so both insert paths race
-        for k in 0..500u32 {
+        for k in 0..scale(500, 40) {
             t.get_or_insert(7, &(k + 100_000).to_le_bytes(), 3, 0)
                 .unwrap();
             let i = t.find(7, &(k + 100_000).to_le_bytes()).unwrap().unwrap();
@@ -1378,7 +1389,7 @@ mod tests {
                     s.spawn(move || {
                         // two threads see the dead slots as reusable, two not yet
                         let now = if th % 2 == 0 { 100 } else { 2 };
-                        (0..1000u32)
+                        (0..scale(1000, 60))
                             .map(|k| t.get_or_insert(7, &k.to_le_bytes(), 3, now).unwrap().0)
                             .collect::<Vec<_>>()
                     })
