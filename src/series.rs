@@ -1168,7 +1168,11 @@ mod tests {
             cells: AtomicU64::new(0),
             slots_used: AtomicU64::new(0),
             reused: AtomicU64::new(0),
-            store: Cells((0..1 << 16).map(|_| Default::default()).collect()),
+            store: Cells(
+                (0..scale(1 << 16, 1 << 10))
+                    .map(|_| Default::default())
+                    .collect(),
+            ),
             blocks_free: AtomicU64::new(0),
             cells_free: (0..CELL_LISTS).map(|_| AtomicU64::new(0)).collect(),
             cells_free_width: (0..CELL_LISTS).map(|_| AtomicU32::new(0)).collect(),
@@ -1373,8 +1377,11 @@ mod tests {
 
     #[test]
     fn threads_agree_on_cells() {
-        let mut m = mem(1 << 12, 1 << 20);
-        let t = table(&mut m, 1 << 20);
+        let mut m = mem(
+            scale(1 << 12, 256) as usize,
+            scale(1 << 20, 1 << 14) as usize,
+        );
+        let t = table(&mut m, scale(1 << 20, 1 << 10) as u64);
         // leave dead, reusable slots around so both insert paths race
         for k in 0..scale(500, 40) {
             t.get_or_insert(7, &(k + 100_000).to_le_bytes(), 3, 0)
@@ -1400,7 +1407,7 @@ mod tests {
         for r in &results[1..] {
             assert_eq!(r, &results[0]);
         }
-        assert_eq!(t.census().0, 1000);
+        assert_eq!(t.census().0, scale(1000, 60) as u64);
     }
 }
 
