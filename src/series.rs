@@ -1503,25 +1503,7 @@ mod loom_tests {
     /// Runs `f` under loom with preemptions bounded (spin-waits would
     /// otherwise make the schedule space unbounded).
     fn model(f: impl Fn() + Sync + Send + 'static) {
-        model_bounded(3, f)
-    }
-
-    /// As `model` with another bound; fails a model that loom ran in one
-    /// schedule only (it proves nothing).
-    fn model_bounded(bound: usize, f: impl Fn() + Sync + Send + 'static) {
-        let mut b = loom::model::Builder::new();
-        b.preemption_bound = Some(bound);
-        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let n2 = n.clone();
-        b.check(move || {
-            n2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f()
-        });
-        let n = n.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(n > 1, "loom explored {n} schedule(s) only");
-        if std::env::var_os("SHMPROM_LOOM_STATS").is_some() {
-            eprintln!("{n} schedules");
-        }
+        crate::sync::loom_model(Some(3), f)
     }
 
     fn ins(m: &Mem, k: &[u8], now: u32) -> u32 {
@@ -1634,7 +1616,7 @@ mod loom_tests {
     /// same time. Both succeed, and no block ends up in two places.
     #[test]
     fn clean_feeds_pool_under_race() {
-        model_bounded(2, || {
+        crate::sync::loom_model(Some(2), || {
             let m = mem_with(8, 3 * BLOCK);
             with_table(&m, |t| {
                 for k in 0..3u32 {

@@ -163,21 +163,7 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 /// Runs `f` under loom with at most `bound` preemptions per schedule (for
 /// models whose full schedule space is too large).
 fn model_bounded(bound: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = bound;
-    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let n2 = n.clone();
-    b.check(move || {
-        n2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        f()
-    });
-    let n = n.load(std::sync::atomic::Ordering::Relaxed);
-    // loom misses schedules in some shapes of test (a main thread that only
-    // loads, say): a model that ran once proves nothing
-    assert!(n > 1, "loom explored {n} schedule(s) only");
-    if std::env::var_os("SHMPROM_LOOM_STATS").is_some() {
-        eprintln!("{n} schedules");
-    }
+    crate::sync::loom_model(bound, f)
 }
 
 /// Two workers start at once and race for the one free plane: exactly one
