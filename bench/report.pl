@@ -144,10 +144,10 @@ $md .= "## Running them\n\n"
      . "bench/lib/Bench.pm, Lua in bench/lua/shmprom_bench/, wrk script in bench/wrk/); nginx "
      . "instances run from throw-away prefixes on free 127.0.0.1 ports and are stopped by pid.\n";
 
-# Sections written by other commands (bench/soak.pl's "## Soak", the
+# Sections written by other commands or by hand ("## Full zone", bench/soak.pl's "## Soak", the
 # valgrind run's "## Valgrind") are kept from the previous file.
 if (defined(my $prev = slurp($results))) {
-    for my $sec ('Soak', 'Valgrind') {
+    for my $sec ('Full zone', 'Soak', 'Valgrind') {
         if ($prev =~ /^(## \Q$sec\E\n.*?)(?=^## |\z)/ms) {
             my $section = $1;
             $md .= "\n" unless $md =~ /\n\n\z/;
