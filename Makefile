@@ -1,6 +1,7 @@
 # shmprom: one command per task.
 SHELL := /bin/bash
 LIB := target/release/libshmprom.so
+MODULE := target/release/ngx_http_shmprom_module.so
 
 .PHONY: all run test build deps deps-run valgrind fuzz test-rust test-loom test-nginx bench fmt lint cdefs clean
 
@@ -12,10 +13,15 @@ deps:
 deps-run:
 	@scripts/install-deps.sh run
 
-build: $(LIB)
+build: $(LIB) $(MODULE)
 
 $(LIB): Cargo.toml $(wildcard src/*.rs src/*/*.rs)
 	cargo build --release
+
+# the nginx module (gateway preset in C), against the Debian nginx-dev
+# sources of the installed nginx
+$(MODULE): nginx-module/config nginx-module/ngx_http_shmprom_module.c include/shmprom.h
+	scripts/build-module.sh
 
 # Builds, then runs the file-system gateway on its embedded default
 # (gateway 127.0.0.1:8080, metrics 127.0.0.1:9145, storage nodes 8081-8083).

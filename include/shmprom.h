@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define SHMPROM_ABI_VERSION 2
+#define SHMPROM_ABI_VERSION 3
 
 #define SHMPROM_OK 0
 #define SHMPROM_EINVAL (-1)
@@ -82,6 +82,51 @@ uint64_t shmprom_clock_ns(void);
 int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
 void shmprom_zone_set_grace(shmprom_zone *z, uint32_t secs);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
+/* The gateway preset's recorder, for the nginx module (nginx-module/). */
+typedef struct shmprom_gw shmprom_gw;
+
+typedef struct shmprom_gw_attempt {
+    const char *node;
+    size_t node_len;
+    uint32_t status;
+    uint32_t retried;
+    double time;
+} shmprom_gw_attempt;
+
+typedef struct shmprom_gw_request {
+    const char *method;
+    size_t method_len;
+    const char *depth;
+    size_t depth_len;
+    uint32_t status;
+    uint32_t complete;
+    double duration;
+    uint64_t received;
+    uint64_t sent;
+    uint64_t body_sent;
+    int64_t content_length;
+    uint32_t nattempts;
+    const shmprom_gw_attempt *attempts;
+} shmprom_gw_request;
+
+typedef void (*shmprom_gw_fn)(shmprom_gw *gw);
+typedef void (*shmprom_gw_record_fn)(shmprom_gw *gw,
+                                     const shmprom_gw_request *r);
+
+typedef struct shmprom_gw_hooks {
+    uint32_t abi;
+    shmprom_gw *gw;
+    shmprom_gw_fn begin;
+    shmprom_gw_fn end;
+    shmprom_gw_record_fn record;
+} shmprom_gw_hooks;
+
+shmprom_gw *shmprom_gw_open(shmprom_zone *z, const uint32_t *families,
+                            uint32_t n, char *err, size_t errlen);
+int shmprom_gw_get_hooks(shmprom_gw *gw, shmprom_gw_hooks *out);
+void shmprom_gw_begin(shmprom_gw *gw);
+void shmprom_gw_end(shmprom_gw *gw);
+void shmprom_gw_record(shmprom_gw *gw, const shmprom_gw_request *r);
 /* SHMPROM_CDEF_END */
 
 #ifdef __cplusplus

@@ -9,7 +9,7 @@ set -euo pipefail
 mode=${1:-test}
 want_debs=(
   nginx-core libnginx-mod-http-lua libnginx-mod-http-ndk lua-resty-core
-  libnginx-mod-http-dav-ext curl
+  libnginx-mod-http-dav-ext curl nginx-dev
 )
 if [ "$mode" = test ]; then
   want_debs+=(

@@ -19,7 +19,10 @@
 # Environment: GATEWAY_PORT (8080), METRICS_PORT (9145), NODE_PORTS
 # ("8081 8082 8083"), VAR_DIR (<repo>/var), NGINX (nginx), START_TIMEOUT
 # (seconds to wait for a listener, 15), STOP_TIMEOUT (seconds to wait for a
-# process to exit before SIGKILL, 10).
+# process to exit before SIGKILL, 10), RECORDER ("module" when
+# target/release/ngx_http_shmprom_module.so is built, else "lua": who records
+# the gateway's requests, the nginx module or the preset's Lua phase
+# handlers).
 #
 # VAR_DIR/pids has one "NAME PID" line per process: "node:PORT" for each
 # storage node, "gateway" for the gateway (the nginx master pid).
@@ -34,6 +37,10 @@ VAR_DIR=${VAR_DIR:-$REPO/var}
 NGINX=${NGINX:-nginx}
 START_TIMEOUT=${START_TIMEOUT:-15}
 STOP_TIMEOUT=${STOP_TIMEOUT:-10}
+MODULE_SO=$REPO/target/release/ngx_http_shmprom_module.so
+if [[ -z ${RECORDER:-} ]]; then
+    if [[ -f $MODULE_SO ]]; then RECORDER=module; else RECORDER=lua; fi
+fi
 MODULES=/usr/lib/nginx/modules
 
 die() { echo "run-gateway: $*" >&2; exit 1; }
@@ -141,10 +148,24 @@ prepare() {
         servers+="server 127.0.0.1:$p max_fails=1 fail_timeout=5s; "
         luanodes+="\"127.0.0.1:$p\", "
     done
+    local load recorder
+    case $RECORDER in
+        module)
+            [[ -f $MODULE_SO ]] || die "RECORDER=module: $MODULE_SO not built (make build)"
+            load="load_module $MODULE_SO;"
+            recorder="shmprom_gateway on;"
+            ;;
+        lua)
+            load="# ngx_http_shmprom_module not loaded: the Lua phase handlers record"
+            recorder='set_by_lua_block $dfs_gateway_begun { return gateway.begin() } log_by_lua_block { gateway.log() }'
+            ;;
+        *) die "RECORDER must be module or lua, not \"$RECORDER\"" ;;
+    esac
     render "$REPO/nginx-conf/gateway.conf" "$VAR_DIR/conf/gateway.conf" \
         REPO="$REPO" VAR_DIR="$VAR_DIR" GATEWAY_PORT="$GATEWAY_PORT" \
         METRICS_PORT="$METRICS_PORT" UPSTREAM_SERVERS="$servers" \
-        LUA_NODES="$luanodes" USER_DIRECTIVE="$user"
+        LUA_NODES="$luanodes" USER_DIRECTIVE="$user" \
+        LOAD_SHMPROM_MODULE="$load" GATEWAY_RECORDER="$recorder"
 }
 
 # ---------------------------------------------------------------- processes

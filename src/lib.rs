@@ -16,6 +16,7 @@
 //! - [`expose`]: Prometheus text 0.0.4 and OpenMetrics 1.0
 //! - [`check`]: consistency check of a zone
 //! - [`ttl`]: idle-series expiry
+//! - [`gateway`]: the gateway preset's per-request recording for the nginx module
 //! - [`ffi`]: the C ABI (include/shmprom.h)
 
 // Under `--cfg loom` only the lock-free table, the plane owner protocol and
@@ -30,6 +31,8 @@ pub mod check;
 pub mod expose;
 #[cfg(not(loom))]
 pub mod ffi;
+#[cfg(not(loom))]
+pub mod gateway;
 pub mod planes;
 #[cfg(not(loom))]
 pub mod registry;

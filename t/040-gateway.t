@@ -65,6 +65,9 @@ plan skip_all => "$LIB not built (make build)" unless -f $LIB;
 for my $m (qw(ndk_http_module ngx_http_lua_module ngx_http_dav_ext_module)) {
     plan skip_all => "$MODDIR/$m.so missing (make deps)" unless -f "$MODDIR/$m.so";
 }
+my $MODULE_SO = "$REPO/target/release/ngx_http_shmprom_module.so";
+plan skip_all => "$MODULE_SO not built (make build)" if $ENV{SHMPROM_T040_RECORDER}
+    && $ENV{SHMPROM_T040_RECORDER} eq 'module' && !-f $MODULE_SO;
 my $RCLONE = which('rclone') or plan skip_all => 'rclone not installed (make deps)';
 my $CURL = which('curl') or plan skip_all => 'curl not installed (make deps)';
 my $PROMTOOL = which('promtool') or plan skip_all => 'promtool not installed (make deps)';
@@ -87,7 +90,11 @@ my @PORTS = do {
     @p;
 };
 my ($GW_PORT, $M_PORT, @NODE_PORTS) = @PORTS;
+# who records the gateway's requests: the preset's Lua phase handlers here,
+# ngx_http_shmprom_module in t/041-gateway-module.t (which runs this file)
+my $RECORDER = $ENV{SHMPROM_T040_RECORDER} // 'lua';
 my %GW_ENV = (
+    RECORDER => $RECORDER,
     GATEWAY_PORT => $GW_PORT, METRICS_PORT => $M_PORT,
     NODE_PORTS => "@NODE_PORTS", VAR_DIR => "$DIR/var",
     START_TIMEOUT => 15, STOP_TIMEOUT => 10,
@@ -396,6 +403,16 @@ sub sha256_file { return Digest::SHA->new(256)->addfile($_[0], 'b')->hexdigest }
         BAIL_OUT('run-gateway.sh start failed');
     }
     pass("run-gateway.sh start: gateway $GW_PORT, metrics $M_PORT, nodes @NODE_PORTS");
+    # the recorder this run is about is the one nginx runs
+    my $conf = join "\n", grep { !/^\s*#/ } split /\n/, slurp("$DIR/var/conf/gateway.conf");
+    if ($RECORDER eq 'module') {
+        ok($conf =~ /^\s*load_module \S*ngx_http_shmprom_module\.so;/m
+           && $conf =~ /^\s*shmprom_gateway on;/m && $conf !~ /log_by_lua/,
+           'the module records (load_module, shmprom_gateway on, no Lua phase handlers)');
+    } else {
+        ok($conf !~ /shmprom_gateway|ngx_http_shmprom_module/ && $conf =~ /log_by_lua_block \{ gateway\.log\(\) \}/,
+           'the Lua phase handlers record (no module)');
+    }
 }
 
 # the totals the object size histogram must reach: bytes of the bodies the

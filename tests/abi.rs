@@ -63,11 +63,78 @@ fn bindings() -> String {
         .to_string()
 }
 
+/// The fields of `pub struct name { ... }` in Rust source, normalised.
+fn struct_fields(src: &str, name: &str) -> Vec<String> {
+    let Some(i) = src.find(&format!("pub struct {name} {{")) else {
+        return Vec::new();
+    };
+    let s = &src[i..];
+    let s = &s[..s.find('}').unwrap()];
+    s.lines()
+        .skip(1)
+        .filter_map(|l| l.trim().strip_prefix("pub "))
+        .filter(|l| l.contains(':'))
+        .map(norm)
+        .collect()
+}
+
+/// The right-hand side of `pub type name = ...;`, normalised.
+fn type_alias(src: &str, name: &str) -> String {
+    let i = src
+        .find(&format!("pub type {name} ="))
+        .unwrap_or_else(|| panic!("type {name}"));
+    let s = &src[i..];
+    let s = &s[s.find('=').unwrap() + 1..s.find(';').unwrap()];
+    norm(s)
+        .replace(":: std :: option :: ", "")
+        .replace("::std::option::", "")
+        .replace(" < ", "<")
+        .replace(" >", ">")
+}
+
+/// sizeof of the header's structs, from bindgen's layout checks.
+fn c_sizes() -> BTreeMap<String, usize> {
+    let header = repo().join("include/shmprom.h");
+    let text = bindgen::Builder::default()
+        .header(header.to_str().unwrap())
+        .allowlist_type("shmprom_.*")
+        .layout_tests(true)
+        .generate()
+        .expect("bindgen reads the header")
+        .to_string();
+    let mut out = BTreeMap::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("[\"Size of ") {
+        rest = &rest[i + 10..];
+        let name = rest[..rest.find('"').unwrap()].to_string();
+        let m = rest.find("() - ").unwrap();
+        let digits: String = rest[m + 5..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        out.insert(name, digits.parse().unwrap());
+    }
+    out
+}
+
+fn rust_size(name: &str) -> usize {
+    use shmprom::ffi::*;
+    match name {
+        "shmprom_zone_info" => std::mem::size_of::<shmprom_zone_info>(),
+        "shmprom_gw_attempt" => std::mem::size_of::<shmprom_gw_attempt>(),
+        "shmprom_gw_request" => std::mem::size_of::<shmprom_gw_request>(),
+        "shmprom_gw_hooks" => std::mem::size_of::<shmprom_gw_hooks>(),
+        _ => unreachable!("{name}"),
+    }
+}
+
 #[test]
 fn header_matches_rust() {
     let bindings = bindings();
     let c = signatures(&bindings);
-    let rust_src = std::fs::read_to_string(repo().join("src/ffi/mod.rs")).unwrap();
+    let rust_src = ["src/ffi/mod.rs", "src/ffi/gateway.rs"]
+        .map(|f| std::fs::read_to_string(repo().join(f)).unwrap())
+        .concat();
     let r = signatures(&rust_src);
     assert!(!c.is_empty());
     assert_eq!(
@@ -80,17 +147,25 @@ fn header_matches_rust() {
         assert_eq!(cargs, rargs, "{name}: argument types differ (C vs Rust)");
         assert_eq!(cret, rret, "{name}: return types differ");
     }
-    // the struct LuaJIT reads: same fields, same types, same order
-    let s = &bindings[bindings.find("pub struct shmprom_zone_info").unwrap()..];
-    let s = &s[..s.find('}').unwrap()];
-    let fields: Vec<String> = s
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("pub "))
-        .filter(|l| l.contains(':'))
-        .map(norm)
-        .collect();
+    // the structs LuaJIT and the nginx module read: same fields, same
+    // types, same order, same size as C lays them out
+    let sizes = c_sizes();
+    for name in [
+        "shmprom_zone_info",
+        "shmprom_gw_attempt",
+        "shmprom_gw_request",
+        "shmprom_gw_hooks",
+    ] {
+        let fields = struct_fields(&bindings, name);
+        assert!(!fields.is_empty(), "{name} in the header");
+        assert_eq!(fields, struct_fields(&rust_src, name), "{name} differs");
+        let c_size = *sizes
+            .get(name)
+            .unwrap_or_else(|| panic!("C size of {name}"));
+        assert_eq!(rust_size(name), c_size, "{name}: size as C lays it out");
+    }
     assert_eq!(
-        fields,
+        struct_fields(&bindings, "shmprom_zone_info"),
         vec![
             "cells: *mut f64",
             "plane_stride: u64",
@@ -99,22 +174,16 @@ fn header_matches_rust() {
             "abi: u32"
         ]
     );
-    let rs = &rust_src[rust_src.find("pub struct shmprom_zone_info").unwrap()..];
-    let rs = &rs[..rs.find('}').unwrap()];
-    let rfields: Vec<String> = rs
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.trim().strip_prefix("pub "))
-        .map(norm)
-        .collect();
-    assert_eq!(fields, rfields, "shmprom_zone_info differs");
-    assert_eq!(
-        std::mem::size_of::<shmprom::ffi::shmprom_zone_info>(),
-        32,
-        "struct size as C lays it out"
-    );
-    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 2;"));
-    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 2);
+    // the hooks' function pointer types
+    for alias in ["shmprom_gw_fn", "shmprom_gw_record_fn"] {
+        assert_eq!(
+            type_alias(&bindings, alias),
+            type_alias(&rust_src, alias),
+            "{alias} differs"
+        );
+    }
+    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 3;"));
+    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 3);
 }
 
 #[test]

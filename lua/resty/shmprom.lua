@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 2,
+    ABI = 3,
 }
 
 local FFI_OK = 0
@@ -1173,6 +1173,30 @@ function Zone:check()
         return nil, errmsg()
     end
     return errmsg()
+end
+
+--- m:gateway_hooks(families) -> cdata shmprom_gw_hooks | nil, err
+-- The hooks of this process's recorder of the file-system gateway preset,
+-- for the nginx module (nginx-module/): `families` are the preset's ten
+-- families in the order of src/gateway.rs FAMILIES. Used by
+-- resty.shmprom.gateway's init(); call it in init_by_lua*.
+function Zone:gateway_hooks(families)
+    if type(families) ~= "table" or #families ~= 10 then
+        return nil, "gateway_hooks needs the preset's 10 families"
+    end
+    local ids = ffi_new("uint32_t[10]")
+    for i = 1, 10 do
+        ids[i - 1] = families[i].id
+    end
+    local gw = C.shmprom_gw_open(self.ptr, ids, 10, errbuf, ERRLEN)
+    if gw == nil then
+        return nil, errmsg()
+    end
+    local hooks = ffi_new("shmprom_gw_hooks")
+    if C.shmprom_gw_get_hooks(gw, hooks) ~= FFI_OK then
+        return nil, "shmprom_gw_get_hooks failed"
+    end
+    return hooks
 end
 
 _M.CONTENT_TYPE_TEXT = CT_TEXT

@@ -11,8 +11,11 @@ use crate::zone::{OpenError, Zone};
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+mod gateway;
+pub use gateway::*;
+
 /// Bumped whenever a signature or a struct of the C ABI changes.
-pub const SHMPROM_ABI_VERSION: u32 = 2;
+pub const SHMPROM_ABI_VERSION: u32 = 3;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;

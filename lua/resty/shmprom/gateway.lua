@@ -157,7 +157,7 @@ local OPTION_NAMES = {
     zone = true, size = true, lib = true, path = true, planes = true,
     nodes = true,
     probe_interval = true, probe_timeout = true, probe_path = true,
-    probe_method = true,
+    probe_method = true, module = true,
 }
 
 local PROBE_METHODS = { OPTIONS = true, HEAD = true, GET = true }
@@ -245,6 +245,9 @@ local function check_options(opts)
         return "probe_path must be a path starting with \"/\" and"
                .. " without white space"
     end
+    if opts.module ~= nil and type(opts.module) ~= "boolean" then
+        return "module must be true or false"
+    end
     local method = opts.probe_method
     if method ~= nil and not PROBE_METHODS[method] then
         return "probe_method must be \"OPTIONS\", \"HEAD\" or \"GET\""
@@ -323,6 +326,38 @@ local function walk_upstream(addr, ustatus, utime, fn)
     end
 end
 _M.walk_upstream = walk_upstream
+
+-- Hands the recorder's hooks to ngx_http_shmprom_module when nginx loaded
+-- it. Returns how many servers/locations have "shmprom_gateway on" (0:
+-- the Lua phase handlers record), or nil and why the module cannot be used.
+local module_declared = false
+local function attach_module(m, fams)
+    if not module_declared then
+        local ffi = require "ffi"
+        -- after resty.shmprom's cdefs (shmprom_gw_hooks)
+        ffi.cdef("int ngx_http_shmprom_gateway_attach("
+                 .. "const shmprom_gw_hooks *hooks);")
+        module_declared = true
+    end
+    local C = require("ffi").C
+    local ok, attach = pcall(function()
+        return C.ngx_http_shmprom_gateway_attach
+    end)
+    if not ok then
+        return nil, "ngx_http_shmprom_module is not loaded (load_module)"
+    end
+    local hooks, err = m:gateway_hooks(fams)
+    if not hooks then
+        return nil, err
+    end
+    local n = tonumber(attach(hooks))
+    if n < 0 then
+        return nil, "ngx_http_shmprom_module does not take these hooks"
+                    .. " (built for another libshmprom ABI, or called"
+                    .. " outside init_by_lua)"
+    end
+    return n
+end
 
 function _M.init(opts)
     local err = check_options(opts)
@@ -404,11 +439,33 @@ function _M.init(opts)
     local f_attempts, f_failures = f.attempts, f.failures
     local f_retries, f_updur = f.retries, f.upstream_duration
 
+    -- ngx_http_shmprom_module records the requests when it is loaded and
+    -- "shmprom_gateway on" is set somewhere; begin() and log() then do
+    -- nothing (they would count every request twice)
+    local by_module = false
+    if opts.module ~= false and ngx and get_phase() == "init" then
+        local n, err = attach_module(m, {
+            f.requests, f.duration, f.received, f.sent, f.object_size,
+            f.in_flight, f.attempts, f.failures, f.retries,
+            f.upstream_duration,
+        })
+        if n and n > 0 then
+            by_module = true
+        elseif opts.module then
+            error("resty.shmprom.gateway: module = true but "
+                  .. (err or "no server has \"shmprom_gateway on\""), 2)
+        end
+    elseif opts.module then
+        error("resty.shmprom.gateway: module = true needs init() in"
+              .. " init_by_lua", 2)
+    end
+
     local gw = {
         metrics = m,
         families = f,
         zone = zone,
         nodes = nodes,
+        module = by_module,
         options = {
             probe_interval = probe_interval, probe_timeout = probe_timeout,
             probe_path = probe_path, probe_method = probe_method,
@@ -451,6 +508,10 @@ function _M.init(opts)
         upstream_time(node, rt)
     end
 
+    local BY_MODULE = "ngx_http_shmprom_module records the requests"
+        .. " (shmprom_gateway on): begin() and log() do nothing; remove"
+        .. " them from the configuration"
+
     -- a misplaced begin()/log(): said once per worker, nothing is recorded
     local said = {}
     local function say_once(what, msg)
@@ -461,6 +522,10 @@ function _M.init(opts)
     end
 
     function gw.begin()
+        if by_module then
+            say_once("module", BY_MODULE)
+            return ""
+        end
         if get_phase() ~= "set" then
             say_once("begin", "begin() belongs in \"set_by_lua_block"
                      .. " $dfs_gateway_begun { return gateway.begin() }\""
@@ -495,6 +560,10 @@ function _M.init(opts)
         -- there it gives up ("NYI: register coalescing too complex") and
         -- such requests finish in the interpreter, after a new failed
         -- compile each time; the block below frees their slots.
+        if by_module then
+            say_once("module", BY_MODULE)
+            return
+        end
         local op, dt, size, node, utime
         do
             local s = var.dfs_gateway_log

@@ -1,0 +1,496 @@
+//! The file-system gateway preset's per-request recording, in Rust: what
+//! `resty.shmprom.gateway`'s `log()` does in Lua, for callers that are not
+//! Lua (the nginx module in `nginx-module/`, which hands each request's
+//! facts to [`Gateway::record`] from its log-phase handler).
+//!
+//! The families are defined by the Lua preset (`gateway.init` in
+//! init_by_lua); [`Gateway::new`] takes their ids and checks their shape.
+//! A `Gateway` is process-local state (label caches, this worker's plane):
+//! made in the nginx master, copied into every worker by fork, used by one
+//! thread per process (the worker's event loop). Label sets are cached per
+//! worker as cell indices, dropped when the zone's epoch moves (series
+//! deleted or families retired), exactly as the Lua wrapper's caches are.
+
+use crate::cells::{claim_plane, f64_add};
+use crate::registry::{self, Kind, MODE_LIVESUM};
+use crate::zone::Zone;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::Ordering;
+
+/// The operations, in the order of the preset's `OP_NAMES`.
+pub const OPS: [&str; 11] = [
+    "read", "stat", "write", "delete", "list", "mkdir", "rename", "copy", "lock", "meta", "other",
+];
+const OP_READ: usize = 0;
+const OP_STAT: usize = 1;
+const OP_WRITE: usize = 2;
+const OP_LIST: usize = 4;
+const OP_OTHER: usize = 10;
+
+/// The operation of an HTTP method and its `Depth` header (PROPFIND only:
+/// "0" is a stat, anything else or none a listing).
+pub fn classify(method: &[u8], depth: Option<&[u8]>) -> usize {
+    match method {
+        b"GET" => OP_READ,
+        b"HEAD" => OP_STAT,
+        b"PUT" => OP_WRITE,
+        b"DELETE" => 3,
+        b"MKCOL" => 5,
+        b"MOVE" => 6,
+        b"COPY" => 7,
+        b"LOCK" | b"UNLOCK" => 8,
+        b"PROPPATCH" | b"OPTIONS" => 9,
+        b"PROPFIND" if depth == Some(b"0") => OP_STAT,
+        b"PROPFIND" => OP_LIST,
+        _ => OP_OTHER,
+    }
+}
+
+/// The families, in the order [`Gateway::new`] takes their ids.
+pub const FAMILIES: [(&str, Kind, usize); 10] = [
+    ("requests_total", Kind::Counter, 2),
+    ("request_duration_seconds", Kind::Histogram, 1),
+    ("received_bytes_total", Kind::Counter, 1),
+    ("sent_bytes_total", Kind::Counter, 1),
+    ("object_size_bytes", Kind::Histogram, 1),
+    ("requests_in_flight", Kind::Gauge, 0),
+    ("upstream_attempts_total", Kind::Counter, 2),
+    ("upstream_failures_total", Kind::Counter, 1),
+    ("upstream_retries_total", Kind::Counter, 1),
+    ("upstream_duration_seconds", Kind::Histogram, 1),
+];
+const F_REQUESTS: usize = 0;
+const F_DURATION: usize = 1;
+const F_RECEIVED: usize = 2;
+const F_SENT: usize = 3;
+const F_OBJECT_SIZE: usize = 4;
+const F_IN_FLIGHT: usize = 5;
+const F_ATTEMPTS: usize = 6;
+const F_FAILURES: usize = 7;
+const F_RETRIES: usize = 8;
+const F_UPDUR: usize = 9;
+
+/// One attempt to a storage node, as nginx keeps it for
+/// `$upstream_addr` / `$upstream_status` / `$upstream_response_time`.
+#[derive(Clone, Copy, Debug)]
+pub struct Attempt<'a> {
+    /// The peer's name (or the upstream group's when no peer was left).
+    pub node: &'a [u8],
+    /// The node's HTTP status; 0 when there was none ("-").
+    pub status: u32,
+    /// Seconds; `None` when nginx has no time ("-").
+    pub time: Option<f64>,
+    /// Another attempt followed in the same upstream group.
+    pub retried: bool,
+}
+
+/// What the log phase knows of one request.
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub method: &'a [u8],
+    /// The `Depth` request header, when present.
+    pub depth: Option<&'a [u8]>,
+    /// The status the client got (`$status`).
+    pub status: u32,
+    /// The response was sent completely (`$request_completion` "OK").
+    pub complete: bool,
+    /// Seconds from the first byte of the request (`$request_time`).
+    pub duration: f64,
+    /// `$request_length`.
+    pub received: u64,
+    /// `$bytes_sent`.
+    pub sent: u64,
+    /// `$body_bytes_sent`.
+    pub body_sent: u64,
+    /// The request body's size when known (`$content_length`).
+    pub content_length: Option<u64>,
+    pub attempts: &'a [Attempt<'a>],
+}
+
+/// FxHash-style hasher: the caches' keys are small integers and node names
+/// of a few dozen bytes, hashed once per request each.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+const FX_K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(FX_K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(FX_K);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(FX_K);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(FX_K);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Fx = BuildHasherDefault<FxHasher>;
+
+/// No cell index cached yet (or none to be had: the zone is full).
+const NONE: u32 = u32::MAX;
+
+/// The series of one storage node.
+#[derive(Default)]
+struct Node {
+    /// (node status, attempts series)
+    attempts: Vec<(u32, u32)>,
+    failures: Option<u32>,
+    retries: Option<u32>,
+    duration: Option<u32>,
+}
+
+/// One histogram family's bounds.
+struct Hist {
+    bounds: Vec<f64>,
+}
+
+impl Hist {
+    /// The 0-based bucket of `v`: the first bound >= v, or the +Inf bucket.
+    fn bucket(&self, v: f64) -> u64 {
+        self.bounds.partition_point(|&b| b < v) as u64
+    }
+    /// The sum cell's offset from the series' first cell.
+    fn sum_at(&self) -> u64 {
+        self.bounds.len() as u64 + 1
+    }
+}
+
+/// Error from [`Gateway::new`].
+#[derive(Debug)]
+pub struct ShapeError(pub String);
+
+/// Per-process recording state of the gateway preset.
+pub struct Gateway {
+    zone: Zone,
+    fam: [u32; 10],
+    duration: Hist,
+    size: Hist,
+    updur: Hist,
+    epoch: u32,
+    plane: u32,
+    /// When to try claiming a plane again (seconds of the zone clock).
+    next_claim: u32,
+    /// This process's net in-flight count kept on the shared plane while it
+    /// had no plane of its own (moved to its plane once it has one).
+    live_shared: f64,
+    in_flight: u32,
+    requests: HashMap<u32, u32, Fx>,
+    by_op: [[u32; 11]; 4],
+    nodes: HashMap<Box<[u8]>, Node, Fx>,
+}
+
+impl Gateway {
+    /// Checks that `fam` are the preset's families (ids in the order of
+    /// [`FAMILIES`], the names ending as there) with their kinds, label
+    /// counts and buckets.
+    pub fn new(zone: Zone, fam: [u32; 10]) -> Result<Gateway, ShapeError> {
+        let mut bounds: [Vec<f64>; 3] = Default::default();
+        for (i, &(suffix, kind, nlabels)) in FAMILIES.iter().enumerate() {
+            let f = registry::family(&zone, fam[i])
+                .filter(|f| f.live)
+                .ok_or_else(|| {
+                    ShapeError(format!("family {} ({suffix}) is not defined", fam[i]))
+                })?;
+            if !f.name.ends_with(suffix) || f.kind != kind || f.labels.len() != nlabels {
+                return Err(ShapeError(format!(
+                    "family {} is not the preset's {suffix}: {} {} with {} labels",
+                    fam[i],
+                    f.kind.as_str(),
+                    f.name,
+                    f.labels.len()
+                )));
+            }
+            if i == F_IN_FLIGHT && f.mode != MODE_LIVESUM {
+                return Err(ShapeError(format!("{} must be a livesum gauge", f.name)));
+            }
+            let slot = match i {
+                F_DURATION => 0,
+                F_OBJECT_SIZE => 1,
+                F_UPDUR => 2,
+                _ => continue,
+            };
+            bounds[slot] = f.buckets.to_vec();
+        }
+        let [d, s, u] = bounds;
+        let epoch = zone.header().epoch.load(Ordering::Acquire);
+        Ok(Gateway {
+            zone,
+            fam,
+            duration: Hist { bounds: d },
+            size: Hist { bounds: s },
+            updur: Hist { bounds: u },
+            epoch,
+            plane: 0,
+            next_claim: 0,
+            live_shared: 0.0,
+            in_flight: NONE,
+            requests: HashMap::default(),
+            by_op: [[NONE; 11]; 4],
+            nodes: HashMap::default(),
+        })
+    }
+
+    /// The zone this gateway records into.
+    pub fn zone(&self) -> &Zone {
+        &self.zone
+    }
+
+    /// This process's plane (0: the shared plane, atomically).
+    pub fn plane(&self) -> u32 {
+        self.plane
+    }
+
+    /// Drops the caches when series were deleted or families retired, and
+    /// claims a plane for this process when it has none (at most once a
+    /// second: the claim reads /proc). A process claiming again gets the
+    /// plane it already holds (the Lua wrapper claims it too).
+    fn refresh(&mut self) {
+        let e = self.zone.header().epoch.load(Ordering::Acquire);
+        if e != self.epoch {
+            self.epoch = e;
+            self.requests.clear();
+            self.by_op = [[NONE; 11]; 4];
+            self.nodes.clear();
+            self.in_flight = NONE;
+        }
+        if self.plane == 0 {
+            let now = crate::zone::now_secs();
+            if now >= self.next_claim {
+                self.next_claim = now.saturating_add(1);
+                // SAFETY: getpid has no preconditions.
+                let pid = unsafe { libc::getpid() } as u32;
+                self.plane = claim_plane(&self.zone, pid);
+                if self.plane > 0 && self.live_shared != 0.0 {
+                    if let Some(idx) = self.in_flight_idx() {
+                        let net = self.live_shared;
+                        self.live_shared = 0.0;
+                        f64_add(self.zone.cell(0, idx), -net);
+                        self.add_own(idx, net);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds to a cell of this process's plane (plain load and store: only
+    /// this process writes its plane) or of the shared plane (atomic).
+    #[inline]
+    fn add(&self, idx: u64, v: f64) {
+        if self.plane > 0 {
+            self.add_own(idx, v);
+        } else {
+            f64_add(self.zone.cell(0, idx), v);
+        }
+    }
+
+    #[inline]
+    fn add_own(&self, idx: u64, v: f64) {
+        let c = self.zone.cell(self.plane, idx);
+        let cur = f64::from_bits(c.load(Ordering::Relaxed));
+        c.store((cur + v).to_bits(), Ordering::Relaxed);
+    }
+
+    fn observe(&self, h: &Hist, idx: u32, v: f64) {
+        let idx = idx as u64;
+        self.add(idx + h.bucket(v), 1.0);
+        self.add(idx + h.sum_at(), v);
+    }
+
+    fn series(&self, f: usize, values: &[&[u8]]) -> u32 {
+        registry::series_get(&self.zone, self.fam[f], values).unwrap_or(NONE)
+    }
+
+    fn in_flight_idx(&mut self) -> Option<u64> {
+        if self.in_flight == NONE {
+            self.in_flight = self.series(F_IN_FLIGHT, &[]);
+        }
+        (self.in_flight != NONE).then_some(self.in_flight as u64)
+    }
+
+    /// One more request in flight (`v` = 1) or one fewer (-1).
+    pub fn in_flight(&mut self, v: f64) {
+        self.refresh();
+        let Some(idx) = self.in_flight_idx() else {
+            return;
+        };
+        if self.plane > 0 {
+            self.add_own(idx, v);
+        } else {
+            self.live_shared += v;
+            f64_add(self.zone.cell(0, idx), v);
+        }
+    }
+
+    /// The cached series of (family slot `k` of `by_op`, op).
+    fn op_series(&mut self, k: usize, f: usize, op: usize) -> u32 {
+        let mut s = self.by_op[k][op];
+        if s == NONE {
+            s = self.series(f, &[OPS[op].as_bytes()]);
+            self.by_op[k][op] = s;
+        }
+        s
+    }
+
+    /// Records one request: what `gateway.log()` records in Lua.
+    pub fn record(&mut self, r: &Request<'_>) {
+        self.refresh();
+        let op = classify(r.method, r.depth);
+
+        let key = (op as u32) << 16 | (r.status & 0xffff);
+        let sr = match self.requests.get(&key) {
+            Some(&s) => s,
+            None => {
+                let mut buf = itoa::Buffer::new();
+                let st = buf.format(r.status);
+                let s = self.series(F_REQUESTS, &[OPS[op].as_bytes(), st.as_bytes()]);
+                if s != NONE && r.status <= 0xffff {
+                    self.requests.insert(key, s);
+                }
+                s
+            }
+        };
+        if sr != NONE {
+            self.add(sr as u64, 1.0);
+        }
+        let s = self.op_series(0, F_RECEIVED, op);
+        if s != NONE {
+            self.add(s as u64, r.received as f64);
+        }
+        let s = self.op_series(1, F_SENT, op);
+        if s != NONE {
+            self.add(s as u64, r.sent as f64);
+        }
+
+        let size = match op {
+            OP_WRITE if (200..300).contains(&r.status) => r.content_length,
+            OP_READ if (r.status == 200 || r.status == 206) && r.complete => Some(r.body_sent),
+            _ => None,
+        };
+        if let Some(size) = size {
+            let s = self.op_series(2, F_OBJECT_SIZE, op);
+            if s != NONE {
+                self.observe(&self.size, s, size as f64);
+            }
+        }
+
+        for a in r.attempts {
+            self.attempt(a);
+        }
+
+        let s = self.op_series(3, F_DURATION, op);
+        if s != NONE {
+            self.observe(&self.duration, s, r.duration.max(0.0));
+        }
+    }
+
+    fn attempt(&mut self, a: &Attempt<'_>) {
+        let zone = &self.zone;
+        let fam = &self.fam;
+        let get = |f: usize, values: &[&[u8]]| -> u32 {
+            registry::series_get(zone, fam[f], values).unwrap_or(NONE)
+        };
+        if !self.nodes.contains_key(a.node) {
+            self.nodes.insert(a.node.into(), Node::default());
+        }
+        let Some(node) = self.nodes.get_mut(a.node) else {
+            return;
+        };
+        let attempts = match node.attempts.iter().find(|e| e.0 == a.status) {
+            Some(e) => e.1,
+            None => {
+                let mut buf = itoa::Buffer::new();
+                let st: &[u8] = if a.status == 0 {
+                    b"-"
+                } else {
+                    buf.format(a.status).as_bytes()
+                };
+                let s = get(F_ATTEMPTS, &[a.node, st]);
+                if s != NONE {
+                    node.attempts.push((a.status, s));
+                }
+                s
+            }
+        };
+        let failed = a.status == 0 || (500..600).contains(&a.status);
+        let failures = if failed {
+            *node
+                .failures
+                .get_or_insert_with(|| get(F_FAILURES, &[a.node]))
+        } else {
+            NONE
+        };
+        let retries = if a.retried {
+            *node
+                .retries
+                .get_or_insert_with(|| get(F_RETRIES, &[a.node]))
+        } else {
+            NONE
+        };
+        let duration = if a.time.is_some() {
+            *node.duration.get_or_insert_with(|| get(F_UPDUR, &[a.node]))
+        } else {
+            NONE
+        };
+        // a refused series is not cached: asked again next time
+        if failures == NONE {
+            node.failures = node.failures.filter(|&s| s != NONE);
+        }
+        if retries == NONE {
+            node.retries = node.retries.filter(|&s| s != NONE);
+        }
+        if duration == NONE {
+            node.duration = node.duration.filter(|&s| s != NONE);
+        }
+        for s in [attempts, failures, retries] {
+            if s != NONE {
+                self.add(s as u64, 1.0);
+            }
+        }
+        if let (Some(t), true) = (a.time, duration != NONE) {
+            self.observe(&self.updur, duration, t.max(0.0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_matches_the_preset() {
+        assert_eq!(OPS[classify(b"GET", None)], "read");
+        assert_eq!(OPS[classify(b"PROPFIND", Some(b"0"))], "stat");
+        assert_eq!(OPS[classify(b"PROPFIND", Some(b"1"))], "list");
+        assert_eq!(OPS[classify(b"PROPFIND", None)], "list");
+        assert_eq!(OPS[classify(b"UNLOCK", None)], "lock");
+        assert_eq!(OPS[classify(b"OPTIONS", None)], "meta");
+        assert_eq!(OPS[classify(b"get", None)], "other");
+        assert_eq!(OPS[classify(b"BREW", None)], "other");
+    }
+
+    #[test]
+    fn bucket_is_the_first_bound_at_or_above() {
+        let h = Hist {
+            bounds: vec![1.0, 2.0, 5.0],
+        };
+        assert_eq!(h.bucket(0.5), 0);
+        assert_eq!(h.bucket(1.0), 0);
+        assert_eq!(h.bucket(1.5), 1);
+        assert_eq!(h.bucket(5.0), 2);
+        assert_eq!(h.bucket(6.0), 3);
+        assert_eq!(h.sum_at(), 4);
+    }
+}
