@@ -225,10 +225,10 @@ sub per_config_rows {
 # ------------------------------------------------------------------ gateway
 
 sub gateway {
-    my ($gwa, $meta, $gwb, $metb, @nodes) = free_ports(7);
+    my ($gwa, $meta, $gwb, $metb, $gwc, $metc, @nodes) = free_ports(9);
     my $var = "$WORK/b-gateway";
     my %env = (GATEWAY_PORT => $gwa, METRICS_PORT => $meta, NODE_PORTS => "@nodes",
-               VAR_DIR => $var);
+               VAR_DIR => $var, RECORDER => 'module');
     my $envs = join ' ', map { "$_='$env{$_}'" } sort keys %env;
     (my $start_cmd = "$envs scripts/run-gateway.sh start") =~ s/\Q$WORK\E/\$BENCH_WORK/g;
     logmsg "starting the gateway: $start_cmd";
@@ -245,38 +245,52 @@ sub gateway {
         $stop->();
         die "run-gateway.sh start failed:\n" . (slurp("$WORK/b-gateway-start.log") // '') . "\n";
     }
+    my @started;
     my %res = eval {
         my ($gpid) = (slurp("$var/pids") // '') =~ /^gateway (\d+)$/m;
         die "no gateway pid in $var/pids\n" unless $gpid;
         my @wa = worker_pids($gpid);
-        # the same rendered config, metric calls removed, own ports and paths
+        # The same rendered config with the module's two lines (load_module,
+        # shmprom_gateway on) removed: no metrics; or replaced by the preset's
+        # Lua phase handlers. Own ports, pid, logs and temp paths.
         my $conf = slurp("$var/conf/gateway.conf");
+        my $LOAD = qr{^\s*load_module \S*ngx_http_shmprom_module\.so;\s*\n}m;
+        my $ON = qr{^(\s*)shmprom_gateway on;\s*\n}m;
         my @removed;
-        my $nm = '';
-        for my $line (split /^/, $conf) {
-            if ($line =~ /^\s*(?:set_by_lua_block \$dfs_gateway_begun \{ return gateway\.begin\(\) \}|log_by_lua_block \{ gateway\.log\(\) \})\s*$/) {
-                (my $l = $line) =~ s/^\s+|\s+$//g;
-                push @removed, $l;
-                next;
-            }
-            $nm .= $line;
+        for my $re ($LOAD, $ON) {
+            die "no line matching $re in the rendered gateway.conf\n" unless $conf =~ $re;
+            (my $l = $&) =~ s/^\s+|\s+$//g;
+            push @removed, $l;
         }
-        die "expected to remove 2 metric lines, removed " . scalar(@removed) . "\n" unless @removed == 2;
-        $nm =~ s/127\.0\.0\.1:$gwa;/127.0.0.1:$gwb;/ or die "no gateway listen line\n";
-        $nm =~ s/127\.0\.0\.1:$meta;/127.0.0.1:$metb;/ or die "no metrics listen line\n";
-        $nm =~ s{\Q$var\E/gateway/}{\$PREFIX/gw/}g;
-        $nm =~ s{\Q$var\E/logs/gateway\.}{\$PREFIX/logs/gateway-nometrics.}g;
-        mkdir "$WORK/b-gateway-nometrics";
-        mkdir "$WORK/b-gateway-nometrics/gw";
-        my $nb = nginx_start(name => 'b-gateway-nometrics', conf => $nm,
-                             ready => "http://127.0.0.1:$metb/metrics", workers => 2);
+        my $variant = sub {
+            my ($name, $port, $metport, $with) = @_;
+            my $c = $conf;
+            $c =~ s/$LOAD//;
+            $c =~ s/$ON/$with ? "$1$with\n" : ''/e;
+            $c =~ s/127\.0\.0\.1:$gwa;/127.0.0.1:$port;/ or die "no gateway listen line\n";
+            $c =~ s/127\.0\.0\.1:$meta;/127.0.0.1:$metport;/ or die "no metrics listen line\n";
+            $c =~ s{\Q$var\E/gateway/}{\$PREFIX/gw/}g;
+            $c =~ s{\Q$var\E/logs/gateway\.}{\$PREFIX/logs/gateway-$name.}g;
+            mkdir "$WORK/b-gateway-$name";
+            mkdir "$WORK/b-gateway-$name/gw";
+            my $n = nginx_start(name => "b-gateway-$name", conf => $c,
+                                ready => "http://127.0.0.1:$metport/metrics", workers => 2);
+            push @started, $n;
+            return $n;
+        };
+        my $nb = $variant->('nometrics', $gwb, $metb, '');
+        my $LUA = 'set_by_lua_block $dfs_gateway_begun { return gateway.begin() } '
+                . 'log_by_lua_block { gateway.log() }';
+        my $nc = $variant->('lua', $gwc, $metc, $LUA);
         my @wb = @{ $nb->{workers} };
+        my @wc = @{ $nc->{workers} };
         # a small file on the storage nodes
         spew("$var/data/bench-1k.bin", 'x' x 1024);
         my %url = (gateway => "http://127.0.0.1:$gwa/bench-1k.bin",
-                   gateway_nometrics => "http://127.0.0.1:$gwb/bench-1k.bin");
-        my %w = (gateway => \@wa, gateway_nometrics => \@wb);
-        my @cfg = qw(gateway gateway_nometrics);
+                   gateway_nometrics => "http://127.0.0.1:$gwb/bench-1k.bin",
+                   gateway_lua => "http://127.0.0.1:$gwc/bench-1k.bin");
+        my %w = (gateway => \@wa, gateway_nometrics => \@wb, gateway_lua => \@wc);
+        my @cfg = qw(gateway gateway_nometrics gateway_lua);
         for my $c (@cfg) {
             my ($code, undef, $size) = http_get($url{$c}, 5);
             die "$c: GET answers $code ($size bytes)\n" unless $code eq '200' && $size == 1024;
@@ -286,7 +300,7 @@ sub gateway {
         my %runs;
         my $sent = 0;
         for my $r (0 .. $ROUNDS - 1) {
-            my @order = $r % 2 ? reverse(@cfg) : @cfg;
+            my @order = map { $cfg[($r + $_) % 3] } 0 .. 2;
             for my $c (@order) {
                 my $res = wrk_run(url => $url{$c}, @WRK, workers => $w{$c});
                 logmsg sprintf('(b) round %d %-17s %8.0f req/s %6.1f us CPU/req', $r + 1, $c,
@@ -304,11 +318,12 @@ sub gateway {
         };
         my $wrk_total = 0;
         $wrk_total += $_->{requests} for @{ $runs{gateway} };
-        nginx_stop($nb);
+        nginx_stop($_) for splice @started;
         (runs => \%runs, removed => \@removed, counted => $reads->($m1) - $reads->($m0),
          wrk_total => $wrk_total, start_cmd => $start_cmd, same_lib => $same_lib);
     };
     my $err = $@;
+    nginx_stop($_) for @started;
     $stop->();
     die $err if $err;
     return \%res;
@@ -507,25 +522,32 @@ if ($only eq 'all' || $only eq 'gateway') {
     $wrk_cmd =~ s/:\d+\//:PORT\//;
     $md .= "### Gateway preset\n\n";
     $md .= "`$g->{start_cmd}` (free ports, scratch VAR_DIR: 3 storage nodes with 1 worker each, "
-         . "the gateway with 2 workers and the preset); a second gateway runs the same rendered "
-         . "config with these lines removed: `" . join('`, `', @{ $g->{removed} }) . "` "
+         . "the gateway with 2 workers, the preset recorded by ngx_http_shmprom_module). Two more "
+         . "gateways run the same rendered config with these lines removed: `"
+         . join('`, `', @{ $g->{removed} }) . "`: `gateway_nometrics` records nothing, "
+         . "`gateway_lua` has the preset's Lua phase handlers in their place (`set_by_lua_block "
+         . "\$dfs_gateway_begun { return gateway.begin() }`, `log_by_lua_block { gateway.log() }`) "
          . "(own ports, pid, logs and temp paths; the probes of the nodes and /metrics stay). "
-         . "Both proxy to the same nodes. Command per run: `$wrk_cmd` (a 1 KiB file), "
-         . "$ROUNDS rounds alternating the two, one ${WARM}s warm-up each. CPU/req = the "
+         . "All proxy to the same nodes. Command per run: `$wrk_cmd` (a 1 KiB file), "
+         . "$ROUNDS rounds rotating the three, one ${WARM}s warm-up each. CPU/req = the "
          . "gateway's 2 worker pids only.\n\n";
-    my %gdesc = (gateway => 'gateway preset (metrics on)', gateway_nometrics => 'same config, metric calls removed');
+    my %gdesc = (gateway => 'gateway preset, recorded by the nginx module',
+                 gateway_lua => 'gateway preset, recorded by the Lua phase handlers',
+                 gateway_nometrics => 'same config, no metrics');
+    my @gcfg = qw(gateway gateway_lua gateway_nometrics);
     $md .= md_table([ 'config', 'what', 'req/s (median)', 'req/s range', 'worker CPU us/req',
-                      'p99 ms', 'errors' ], per_config_rows($runs, [qw(gateway gateway_nometrics)], \%gdesc));
+                      'p99 ms', 'errors' ], per_config_rows($runs, \@gcfg, \%gdesc));
     $md .= "\n";
-    $md .= "Ratios: per round against the other gateway's run of the same round, median of "
-         . "the rounds (so not the ratio of the medians above); CPU ratio = no-metrics CPU/req / "
-         . "preset CPU/req.\n\n";
-    my @rr = ratio_rows($runs, [ [ 'gateway', 'gateway_nometrics', 0.95, 0.95 ] ]);
+    $md .= "Ratios: per round against the no-metrics gateway's run of the same round, median "
+         . "of the rounds (so not the ratio of the medians above); CPU ratio = no-metrics "
+         . "CPU/req / preset CPU/req.\n\n";
+    my @rr = ratio_rows($runs, [ [ 'gateway', 'gateway_nometrics', 0.95, 0.95 ],
+                                 [ 'gateway_lua', 'gateway_nometrics', undef, undef ] ]);
     $md .= md_table([ 'pair', 'req/s ratio', 'range', 'target', 'CPU/req ratio', 'CPU target' ], @rr);
     $summary{$_->[0]} = $_->[1] for @rr;
     $summary{'gateway vs gateway_nometrics cpu'} = $rr[0][4];
     $md .= "\n**The repository's library differed from the run's snapshot when the gateways "
-         . "started: these two gateways ran another build than the other benchmarks.**\n"
+         . "started: these gateways ran another build than the other benchmarks.**\n"
         unless $g->{same_lib};
     $md .= "\nThe preset counted " . fmt_num($g->{counted}, 9) . " `dfs_gateway_requests_total"
          . "{op=\"read\",status=\"200\"}` during the timed runs; wrk completed "

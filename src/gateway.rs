@@ -16,7 +16,7 @@ use crate::registry::{self, Kind, MODE_LIVESUM};
 use crate::zone::Zone;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The operations, in the order of the preset's `OP_NAMES`.
 pub const OPS: [&str; 11] = [
@@ -175,6 +175,10 @@ pub struct ShapeError(pub String);
 /// Per-process recording state of the gateway preset.
 pub struct Gateway {
     zone: Zone,
+    /// Cell 0 of this process's plane (null while it has none).
+    own: *mut u64,
+    /// Cells per plane (an index below it is inside every plane).
+    cells_cap: u64,
     fam: [u32; 10],
     duration: Hist,
     size: Hist,
@@ -226,8 +230,11 @@ impl Gateway {
         }
         let [d, s, u] = bounds;
         let epoch = zone.header().epoch.load(Ordering::Acquire);
+        let cells_cap = zone.header().cells_cap;
         Ok(Gateway {
             zone,
+            own: std::ptr::null_mut(),
+            cells_cap,
             fam,
             duration: Hist { bounds: d },
             size: Hist { bounds: s },
@@ -273,6 +280,9 @@ impl Gateway {
                 // SAFETY: getpid has no preconditions.
                 let pid = unsafe { libc::getpid() } as u32;
                 self.plane = claim_plane(&self.zone, pid);
+                if self.plane > 0 {
+                    self.own = self.zone.cell_ptr(self.plane, 0);
+                }
                 if self.plane > 0 && self.live_shared != 0.0 {
                     if let Some(idx) = self.in_flight_idx() {
                         let net = self.live_shared;
@@ -289,7 +299,7 @@ impl Gateway {
     /// this process writes its plane) or of the shared plane (atomic).
     #[inline]
     fn add(&self, idx: u64, v: f64) {
-        if self.plane > 0 {
+        if !self.own.is_null() {
             self.add_own(idx, v);
         } else {
             f64_add(self.zone.cell(0, idx), v);
@@ -298,7 +308,14 @@ impl Gateway {
 
     #[inline]
     fn add_own(&self, idx: u64, v: f64) {
-        let c = self.zone.cell(self.plane, idx);
+        if idx >= self.cells_cap || self.own.is_null() {
+            return;
+        }
+        // SAFETY: own is cell 0 of this process's plane and idx < cells_cap
+        // keeps the cell inside it; cells are 8-aligned; AtomicU64 has the
+        // layout of u64, and only this process writes its plane (readers
+        // load whole 8-byte values).
+        let c = unsafe { &*(self.own.add(idx as usize) as *const AtomicU64) };
         let cur = f64::from_bits(c.load(Ordering::Relaxed));
         c.store((cur + v).to_bits(), Ordering::Relaxed);
     }
@@ -326,7 +343,7 @@ impl Gateway {
         let Some(idx) = self.in_flight_idx() else {
             return;
         };
-        if self.plane > 0 {
+        if !self.own.is_null() {
             self.add_own(idx, v);
         } else {
             self.live_shared += v;
@@ -492,5 +509,209 @@ mod tests {
         assert_eq!(h.bucket(5.0), 2);
         assert_eq!(h.bucket(6.0), 3);
         assert_eq!(h.sum_at(), 4);
+    }
+
+    use crate::expose::{render, Format};
+    use crate::registry::{define, Def};
+
+    /// A zone with the preset's families (as gateway.lua defines them, with
+    /// short bucket lists), and their ids in FAMILIES order.
+    fn preset_zone(name: &str) -> (Zone, [u32; 10]) {
+        let (z, _) = Zone::open(name, 4 << 20, 3, None).unwrap();
+        let mut ids = [0u32; 10];
+        for (i, &(suffix, kind, n)) in FAMILIES.iter().enumerate() {
+            let labels = match (i, n) {
+                (F_REQUESTS, _) => vec!["op", "status"],
+                (F_ATTEMPTS, _) => vec!["node", "status"],
+                (F_FAILURES | F_RETRIES | F_UPDUR, _) => vec!["node"],
+                (_, 1) => vec!["op"],
+                _ => vec![],
+            };
+            let buckets = match i {
+                F_OBJECT_SIZE => vec![1024.0, 4096.0],
+                F_DURATION | F_UPDUR => vec![0.01, 0.1, 1.0],
+                _ => vec![],
+            };
+            let name = format!("dfs_gateway_{suffix}");
+            ids[i] = define(
+                &z,
+                &Def {
+                    name: &name,
+                    help: b"h",
+                    kind,
+                    mode: if i == F_IN_FLIGHT { MODE_LIVESUM } else { 0 },
+                    labels,
+                    buckets,
+                },
+            )
+            .unwrap();
+        }
+        (z, ids)
+    }
+
+    fn text(z: &Zone) -> String {
+        String::from_utf8(render(z, Format::Text)).unwrap()
+    }
+
+    fn has(t: &str, line: &str) {
+        assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
+    }
+
+    #[test]
+    fn records_what_the_lua_preset_records() {
+        let (z, ids) = preset_zone("gw-record-test");
+        let mut g = Gateway::new(z, ids).unwrap();
+        let get = Request {
+            method: b"GET",
+            depth: None,
+            status: 200,
+            complete: true,
+            duration: 0.05,
+            received: 80,
+            sent: 2200,
+            body_sent: 2000,
+            content_length: None,
+            attempts: &[
+                Attempt {
+                    node: b"10.0.0.1:80",
+                    status: 502,
+                    time: Some(0.002),
+                    retried: true,
+                },
+                Attempt {
+                    node: b"10.0.0.2:80",
+                    status: 200,
+                    time: Some(0.04),
+                    retried: false,
+                },
+            ],
+        };
+        g.in_flight(1.0);
+        g.record(&get);
+        g.in_flight(-1.0);
+        g.record(&get);
+        // a 2xx PUT: its body size; a PROPFIND Depth 0: a stat; no node
+        g.record(&Request {
+            method: b"PUT",
+            status: 201,
+            content_length: Some(5000),
+            attempts: &[Attempt {
+                node: b"dfs_nodes",
+                status: 0,
+                time: None,
+                retried: false,
+            }],
+            ..get
+        });
+        g.record(&Request {
+            method: b"PROPFIND",
+            depth: Some(b"0"),
+            status: 207,
+            attempts: &[],
+            ..get
+        });
+        // an aborted download: no object size
+        g.record(&Request {
+            complete: false,
+            attempts: &[],
+            ..get
+        });
+        let t = text(g.zone());
+        has(
+            &t,
+            r#"dfs_gateway_requests_total{op="read",status="200"} 3"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_requests_total{op="write",status="201"} 1"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_requests_total{op="stat",status="207"} 1"#,
+        );
+        has(&t, r#"dfs_gateway_received_bytes_total{op="read"} 240"#);
+        has(&t, r#"dfs_gateway_sent_bytes_total{op="read"} 6600"#);
+        has(&t, r#"dfs_gateway_object_size_bytes_count{op="read"} 2"#);
+        has(&t, r#"dfs_gateway_object_size_bytes_sum{op="read"} 4000"#);
+        has(
+            &t,
+            r#"dfs_gateway_object_size_bytes_bucket{op="write",le="4096"} 0"#,
+        );
+        has(&t, r#"dfs_gateway_object_size_bytes_sum{op="write"} 5000"#);
+        has(
+            &t,
+            r#"dfs_gateway_upstream_attempts_total{node="10.0.0.1:80",status="502"} 2"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_attempts_total{node="10.0.0.2:80",status="200"} 2"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_attempts_total{node="dfs_nodes",status="-"} 1"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_failures_total{node="10.0.0.1:80"} 2"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_failures_total{node="dfs_nodes"} 1"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_retries_total{node="10.0.0.1:80"} 2"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_duration_seconds_bucket{node="10.0.0.1:80",le="0.01"} 2"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_duration_seconds_bucket{node="10.0.0.2:80",le="0.01"} 0"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_duration_seconds_count{node="10.0.0.2:80"} 2"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_request_duration_seconds_bucket{op="read",le="0.1"} 3"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_request_duration_seconds_bucket{op="read",le="0.01"} 0"#,
+        );
+        has(&t, "dfs_gateway_requests_in_flight 0");
+        // no node had no time: nothing observed for it
+        assert!(!t.contains(r#"upstream_duration_seconds_count{node="dfs_nodes"}"#));
+        // the test process claimed a plane for its plain stores
+        assert!(g.plane() > 0);
+        // a family reset elsewhere moves the epoch: the caches go, the
+        // series is made again
+        crate::registry::family_reset(g.zone(), ids[F_REQUESTS]).unwrap();
+        g.record(&Request {
+            attempts: &[],
+            ..get
+        });
+        has(
+            &text(g.zone()),
+            r#"dfs_gateway_requests_total{op="read",status="200"} 1"#,
+        );
+    }
+
+    #[test]
+    fn refuses_other_families() {
+        let (z, mut ids) = preset_zone("gw-shape-test");
+        ids.swap(F_REQUESTS, F_RECEIVED);
+        let e = Gateway::new(z, ids).err().unwrap();
+        assert!(e.0.contains("requests_total"), "{}", e.0);
+        let (z, mut ids) = preset_zone("gw-shape-test2");
+        ids[F_IN_FLIGHT] = 999;
+        assert!(Gateway::new(z, ids)
+            .err()
+            .unwrap()
+            .0
+            .contains("not defined"));
     }
 }
