@@ -18,6 +18,8 @@
 # order rotated every round; per round the req/s ratio config / nm and the
 # CPU ratio nm CPU/req / config CPU/req (worker utime+stime over the run);
 # medians over the rounds. The machine is shared: read the ranges too.
+# Both sides record with the preset's Lua phase handlers (never the nginx
+# module): for comparing Lua revisions; (b) compares the module.
 use strict;
 use warnings;
 use FindBin;
@@ -71,6 +73,10 @@ eval {
         $t =~ s/^\s*\@UPSTREAM_SERVERS\@\s*\n/$servers/m;
         $t =~ s/\@LUA_NODES\@/$luanodes/g;
         $t =~ s/\@USER_DIRECTIVE\@/$USER/g;
+        # templates since the nginx module: both compared here are the
+        # preset's Lua phase handlers
+        $t =~ s/\@LOAD_SHMPROM_MODULE\@/# no ngx_http_shmprom_module/g;
+        $t =~ s/^(\s*)\@GATEWAY_RECORDER\@\s*\n/$1set_by_lua_block \$dfs_gateway_begun { return gateway.begin() }\n$1log_by_lua_block { gateway.log() }\n/m;
         $v->{edit}->() for $t;
         my $n = nginx_start(name => "ng-$v->{name}", conf => $t,
                             ready => "http://127.0.0.1:$mp/metrics", workers => 2);
