@@ -419,11 +419,10 @@ impl Gateway {
         let get = |f: usize, values: &[&[u8]]| -> u32 {
             registry::series_get(zone, fam[f], values).unwrap_or(NONE)
         };
-        if !self.nodes.contains_key(a.node) {
-            self.nodes.insert(a.node.into(), Node::default());
-        }
-        let Some(node) = self.nodes.get_mut(a.node) else {
-            return;
+        // one lookup for a known node; a new one is inserted once
+        let node = match self.nodes.get_mut(a.node) {
+            Some(n) => n,
+            None => self.nodes.entry(a.node.into()).or_default(),
         };
         let attempts = match node.attempts.iter().find(|e| e.0 == a.status) {
             Some(e) => e.1,

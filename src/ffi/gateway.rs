@@ -210,6 +210,8 @@ pub unsafe extern "C" fn shmprom_gw_end(gw: *mut shmprom_gw) {
 
 /// Attempts of one request taken from C (more are not recorded).
 const MAX_ATTEMPTS: usize = 64;
+/// Attempts converted on the stack; more take the heap.
+const STACK_ATTEMPTS: usize = 4;
 
 /// Bytes at (p, len); empty when len is 0, None when p is NULL otherwise.
 ///
@@ -257,12 +259,22 @@ pub unsafe extern "C" fn shmprom_gw_record(gw: *mut shmprom_gw, r: *const shmpro
             // SAFETY: attempts holds nattempts >= n entries per the contract.
             unsafe { std::slice::from_raw_parts(r.attempts, n) }
         };
-        let mut attempts = [Attempt {
+        // the usual request made one or two attempts: those stay on the
+        // stack (a 64-entry array would cost more to fill than the record)
+        const EMPTY: Attempt<'static> = Attempt {
             node: &[],
             status: 0,
             time: None,
             retried: false,
-        }; MAX_ATTEMPTS];
+        };
+        let mut stack = [EMPTY; STACK_ATTEMPTS];
+        let mut heap = Vec::new();
+        let attempts: &mut [Attempt<'_>] = if raw.len() <= STACK_ATTEMPTS {
+            &mut stack[..raw.len()]
+        } else {
+            heap.resize(raw.len(), EMPTY);
+            &mut heap
+        };
         for (out, a) in attempts.iter_mut().zip(raw) {
             // SAFETY: the node name is readable per the contract.
             let Some(node) = (unsafe { bytes(a.node, a.node_len) }) else {
@@ -285,7 +297,7 @@ pub unsafe extern "C" fn shmprom_gw_record(gw: *mut shmprom_gw, r: *const shmpro
             sent: r.sent,
             body_sent: r.body_sent,
             content_length: (r.content_length >= 0).then_some(r.content_length as u64),
-            attempts: &attempts[..raw.len()],
+            attempts,
         });
     }));
 }
