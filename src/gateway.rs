@@ -713,4 +713,109 @@ mod tests {
             .0
             .contains("not defined"));
     }
+
+    #[test]
+    fn c_entry_points_record_and_refuse() {
+        use crate::ffi::*;
+        let (z, ids) = preset_zone("gw-ffi-test");
+        let mut err = [0 as std::ffi::c_char; 256];
+        // SAFETY: the zone pointer comes from Zone::open, ids holds 10 ids,
+        // err holds 256 bytes.
+        let gw = unsafe {
+            shmprom_gw_open(
+                z.as_ptr() as *mut shmprom_zone,
+                ids.as_ptr(),
+                10,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        assert!(!gw.is_null());
+        let mut hooks = std::mem::MaybeUninit::<shmprom_gw_hooks>::uninit();
+        // SAFETY: gw is live; hooks is writable.
+        assert_eq!(unsafe { shmprom_gw_get_hooks(gw, hooks.as_mut_ptr()) }, 0);
+        // SAFETY: written just above.
+        let hooks = unsafe { hooks.assume_init() };
+        assert_eq!(hooks.abi, SHMPROM_ABI_VERSION);
+        // six attempts (more than the stack holds), the last one answered
+        let names: Vec<String> = (1..=6).map(|i| format!("10.0.0.{i}:80")).collect();
+        let attempts: Vec<shmprom_gw_attempt> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| shmprom_gw_attempt {
+                node: n.as_ptr() as *const std::ffi::c_char,
+                node_len: n.len(),
+                status: if i == 5 { 200 } else { 503 },
+                retried: (i < 5) as u32,
+                time: if i == 0 { -1.0 } else { 0.001 },
+            })
+            .collect();
+        let mut req = shmprom_gw_request {
+            method: b"GET".as_ptr() as *const std::ffi::c_char,
+            method_len: 3,
+            depth: std::ptr::null(),
+            depth_len: 0,
+            status: 200,
+            complete: 1,
+            duration: 0.01,
+            received: 10,
+            sent: 20,
+            body_sent: 5,
+            content_length: -1,
+            nattempts: 6,
+            attempts: attempts.as_ptr(),
+        };
+        let record = hooks.record.unwrap();
+        // SAFETY: req and its strings and attempts are live.
+        unsafe { record(hooks.gw, &req) };
+        // a NULL method with a length: not recorded; NULL pointers: ignored
+        req.method = std::ptr::null();
+        // SAFETY: as above; the NULL method is refused, not read.
+        unsafe {
+            record(hooks.gw, &req);
+            record(hooks.gw, std::ptr::null());
+            shmprom_gw_record(std::ptr::null_mut(), &req);
+            (hooks.begin.unwrap())(hooks.gw);
+        }
+        let t = text(&z);
+        has(
+            &t,
+            r#"dfs_gateway_requests_total{op="read",status="200"} 1"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_retries_total{node="10.0.0.5:80"} 1"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_failures_total{node="10.0.0.1:80"} 1"#,
+        );
+        has(
+            &t,
+            r#"dfs_gateway_upstream_attempts_total{node="10.0.0.6:80",status="200"} 1"#,
+        );
+        assert!(!t.contains(r#"upstream_retries_total{node="10.0.0.6:80"}"#));
+        assert!(!t.contains(r#"upstream_duration_seconds_count{node="10.0.0.1:80"}"#));
+        has(&t, "dfs_gateway_requests_in_flight 1");
+        // the wrong family list: NULL and a message
+        let mut bad = ids;
+        bad.swap(0, 1);
+        // SAFETY: as for the first open.
+        let gw2 = unsafe {
+            shmprom_gw_open(
+                z.as_ptr() as *mut shmprom_zone,
+                bad.as_ptr(),
+                10,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        assert!(gw2.is_null());
+        // SAFETY: set_err wrote a NUL-terminated message.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        assert!(
+            msg.to_string_lossy().contains("not the preset's"),
+            "{msg:?}"
+        );
+    }
 }
