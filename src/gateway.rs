@@ -556,6 +556,12 @@ mod tests {
         assert!(t.lines().any(|l| l == line), "missing {line:?} in:\n{t}");
     }
 
+    fn has_all(t: &str, lines: &[&str]) {
+        for l in lines {
+            has(t, l);
+        }
+    }
+
     #[test]
     fn records_what_the_lua_preset_records() {
         let (z, ids) = preset_zone("gw-record-test");
@@ -616,70 +622,30 @@ mod tests {
             ..get
         });
         let t = text(g.zone());
-        has(
+        has_all(
             &t,
-            r#"dfs_gateway_requests_total{op="read",status="200"} 3"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_requests_total{op="write",status="201"} 1"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_requests_total{op="stat",status="207"} 1"#,
-        );
-        has(&t, r#"dfs_gateway_received_bytes_total{op="read"} 240"#);
-        has(&t, r#"dfs_gateway_sent_bytes_total{op="read"} 6600"#);
-        has(&t, r#"dfs_gateway_object_size_bytes_count{op="read"} 2"#);
-        has(&t, r#"dfs_gateway_object_size_bytes_sum{op="read"} 4000"#);
-        has(
-            &t,
-            r#"dfs_gateway_object_size_bytes_bucket{op="write",le="4096"} 0"#,
-        );
-        has(&t, r#"dfs_gateway_object_size_bytes_sum{op="write"} 5000"#);
-        has(
-            &t,
-            r#"dfs_gateway_upstream_attempts_total{node="10.0.0.1:80",status="502"} 2"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_attempts_total{node="10.0.0.2:80",status="200"} 2"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_attempts_total{node="dfs_nodes",status="-"} 1"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_failures_total{node="10.0.0.1:80"} 2"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_failures_total{node="dfs_nodes"} 1"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_retries_total{node="10.0.0.1:80"} 2"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_duration_seconds_bucket{node="10.0.0.1:80",le="0.01"} 2"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_duration_seconds_bucket{node="10.0.0.2:80",le="0.01"} 0"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_duration_seconds_count{node="10.0.0.2:80"} 2"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_request_duration_seconds_bucket{op="read",le="0.1"} 3"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_request_duration_seconds_bucket{op="read",le="0.01"} 0"#,
+            &[
+                r#"dfs_gateway_requests_total{op="read",status="200"} 3"#,
+                r#"dfs_gateway_requests_total{op="write",status="201"} 1"#,
+                r#"dfs_gateway_requests_total{op="stat",status="207"} 1"#,
+                r#"dfs_gateway_received_bytes_total{op="read"} 240"#,
+                r#"dfs_gateway_sent_bytes_total{op="read"} 6600"#,
+                r#"dfs_gateway_object_size_bytes_count{op="read"} 2"#,
+                r#"dfs_gateway_object_size_bytes_sum{op="read"} 4000"#,
+                r#"dfs_gateway_object_size_bytes_bucket{op="write",le="4096"} 0"#,
+                r#"dfs_gateway_object_size_bytes_sum{op="write"} 5000"#,
+                r#"dfs_gateway_upstream_attempts_total{node="10.0.0.1:80",status="502"} 2"#,
+                r#"dfs_gateway_upstream_attempts_total{node="10.0.0.2:80",status="200"} 2"#,
+                r#"dfs_gateway_upstream_attempts_total{node="dfs_nodes",status="-"} 1"#,
+                r#"dfs_gateway_upstream_failures_total{node="10.0.0.1:80"} 2"#,
+                r#"dfs_gateway_upstream_failures_total{node="dfs_nodes"} 1"#,
+                r#"dfs_gateway_upstream_retries_total{node="10.0.0.1:80"} 2"#,
+                r#"dfs_gateway_upstream_duration_seconds_bucket{node="10.0.0.1:80",le="0.01"} 2"#,
+                r#"dfs_gateway_upstream_duration_seconds_bucket{node="10.0.0.2:80",le="0.01"} 0"#,
+                r#"dfs_gateway_upstream_duration_seconds_count{node="10.0.0.2:80"} 2"#,
+                r#"dfs_gateway_request_duration_seconds_bucket{op="read",le="0.1"} 3"#,
+                r#"dfs_gateway_request_duration_seconds_bucket{op="read",le="0.01"} 0"#,
+            ],
         );
         has(&t, "dfs_gateway_requests_in_flight 0");
         // no node had no time: nothing observed for it
@@ -778,21 +744,14 @@ mod tests {
             (hooks.begin.unwrap())(hooks.gw);
         }
         let t = text(&z);
-        has(
+        has_all(
             &t,
-            r#"dfs_gateway_requests_total{op="read",status="200"} 1"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_retries_total{node="10.0.0.5:80"} 1"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_failures_total{node="10.0.0.1:80"} 1"#,
-        );
-        has(
-            &t,
-            r#"dfs_gateway_upstream_attempts_total{node="10.0.0.6:80",status="200"} 1"#,
+            &[
+                r#"dfs_gateway_requests_total{op="read",status="200"} 1"#,
+                r#"dfs_gateway_upstream_retries_total{node="10.0.0.5:80"} 1"#,
+                r#"dfs_gateway_upstream_failures_total{node="10.0.0.1:80"} 1"#,
+                r#"dfs_gateway_upstream_attempts_total{node="10.0.0.6:80",status="200"} 1"#,
+            ],
         );
         assert!(!t.contains(r#"upstream_retries_total{node="10.0.0.6:80"}"#));
         assert!(!t.contains(r#"upstream_duration_seconds_count{node="10.0.0.1:80"}"#));
