@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 3,
+    ABI = 4,
 }
 
 local FFI_OK = 0
