@@ -108,7 +108,7 @@ http {
                 local F = require "shmprom_bench.fill"
                 local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
                 local h = ngx.var.arg_zone == "pf" and bench_ph or bench_h
-                local t0, c0 = F.mono_ns(), F.cpu_ns()
+                local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
                 local failed = 0
                 for i = base, base + n - 1 do
                     local ok = h:observe(0.01, { "/b/" .. i })
@@ -116,8 +116,10 @@ http {
                 end
                 local ms = (F.mono_ns() - t0) / 1e6
                 local cpu_ms = (F.cpu_ns() - c0) / 1e6
+                local f1 = F.thread_faults()
                 ngx.say(require("shmprom_bench.json").encode({ ms = ms,
-                    cpu_ms = cpu_ms, failed = failed, worker = ngx.worker.id() }))
+                    cpu_ms = cpu_ms, faults = f0 and f1 and f1 - f0 or -1,
+                    failed = failed, worker = ngx.worker.id() }))
             }
         }
         # the prefault zone gets the 10k old label sets the warm-up gives
@@ -190,6 +192,7 @@ for my $r (0 .. $ROUNDS - 1) {
             $rec{batch_ms} = $bd->{ms};
             $rec{batch_cpu_ms} = $bd->{cpu_ms};
             $rec{batch_worker} = $bd->{worker};
+            $rec{batch_faults} = $bd->{faults};
             # the other worker: the stall the batch did not run in
             my @others = grep { $_ != $bd->{worker} } 0 .. $#{ $stall->{cpu} };
             ($rec{other_cpu}) = sort { $b <=> $a } map { $stall->{cpu}[$_] } @others;
@@ -199,8 +202,9 @@ for my $r (0 .. $ROUNDS - 1) {
                        $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
                        join('/', map { sprintf '%.1f', $_ } @{ $stall->{wall} }),
                        join('/', map { sprintf '%.1f', $_ } @{ $stall->{cpu} }),
-                       $batch ? sprintf('; batch loop %.1f ms (CPU %.1f ms) in worker %d',
-                                                  $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_worker}) : '');
+                       $batch ? sprintf('; batch loop %.1f ms (CPU %.1f ms, %d page faults) in worker %d',
+                                                  $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_faults},
+                                                  $rec{batch_worker}) : '');
     }
 }
 # every new label set went in
@@ -240,11 +244,12 @@ for my $mode (@MODES) {
                   sprintf('%.1f', 1000 * median(map { $_->{wrk}{max} } @rs)),
                   sprintf('%.1f / %.1f', $busy_med, $busy_worst),
                   sprintf('%.1f / %.1f', $wall_med, $wall_worst),
-                  $mode =~ /^batch/ ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set); '
-                                             . 'other worker busy %.1f ms',
+                  $mode =~ /^batch/ ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set), '
+                                             . '%d page faults; other worker busy %.1f ms',
                                              median(map { $_->{batch_ms} } @rs),
                                              median(map { $_->{batch_cpu_ms} } @rs),
                                              1000 * median(map { $_->{batch_cpu_ms} } @rs) / $NEW,
+                                             median(map { $_->{batch_faults} } @rs),
                                              median(map { $_->{other_cpu} } @rs)) : '',
                   $target ];
     if ($mode ne 'old') {
@@ -293,7 +298,8 @@ $md .= "One nginx, 2 workers, zone 512m (and a second one with prefault). Each r
      . "batch-prefault: the same, the loop writing to a second 512m zone of the same nginx opened "
      . "with `prefault = true` (given the same 10k old label sets first; the first zone also gets "
      . "the new rows' label sets, so more of its pages are in already as the rounds go: if anything "
-     . "this favours the row without prefault). "
+     . "this favours the row without prefault). The batch column counts the page faults the "
+     . "loop's thread took (getrusage RUSAGE_THREAD, minor + major). "
      . "$ROUNDS rounds, modes rotated, ${SECS}s each; ratios against the old run of the same "
      . "round. The target is judged on the median over runs of each run's longest busy stall "
      . "(the worst run is shown beside it: on this shared machine a run disturbed by other "
