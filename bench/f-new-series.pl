@@ -14,6 +14,13 @@
 #   batch  the old load, plus one request that creates 10k new histogram
 #          label sets in one loop (the worker running it is blocked for the
 #          loop: that is its stall)
+#   batch-plain, batch-prefault
+#          the same loop, into one of two more 512m zones of the same nginx
+#          that differ only in prefault (off / on: resident from the master,
+#          mapped by each worker's init_worker); both get the same 10k old
+#          label sets first and then only these batches, so the pair
+#          measures prefault alone (the batch row's zone also takes the
+#          traffic's label sets, and its workers' label caches differ)
 
 use strict;
 use warnings;
@@ -27,7 +34,7 @@ use Time::HiRes qw(time sleep);
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
-my @MODES = qw(old new batch);
+my @MODES = qw(old new batch batch-plain batch-prefault);
 my $NEW = 10_000;
 my $TARGET = 10;    # ms
 
@@ -53,10 +60,27 @@ http {
                                   { "path", "status" })
         bench_h = bench_m:histogram("bench_f_duration_seconds", "Latency",
                                     { "path" }, F.BUCKETS19)
+        bench_q = shmprom.new{ zone = "bench_f_plain", size = "512m" }
+        bench_qc = bench_q:counter("bench_f_requests_total", "Requests",
+                                   { "path", "status" })
+        bench_qh = bench_q:histogram("bench_f_duration_seconds", "Latency",
+                                     { "path" }, F.BUCKETS19)
+        local t0 = F.mono_ns()
+        bench_p = shmprom.new{ zone = "bench_f_pf", size = "512m", prefault = true }
+        bench_pf_ms = (F.mono_ns() - t0) / 1e6
+        bench_pc = bench_p:counter("bench_f_requests_total", "Requests",
+                                   { "path", "status" })
+        bench_ph = bench_p:histogram("bench_f_duration_seconds", "Latency",
+                                     { "path" }, F.BUCKETS19)
         by_path = {}
     }
     init_worker_by_lua_block {
         bench_m:init_worker()
+        bench_q:init_worker()
+        local F = require "shmprom_bench.fill"
+        local t0 = F.mono_ns()
+        bench_p:init_worker()
+        ngx.shared.stall:set("pf_map_ms:" .. ngx.worker.id(), (F.mono_ns() - t0) / 1e6)
         require("shmprom_bench.stall").start("stall", 0.001)
     }
     server {
@@ -91,19 +115,42 @@ http {
             content_by_lua_block {
                 local F = require "shmprom_bench.fill"
                 local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
-                local t0, c0 = F.mono_ns(), F.cpu_ns()
+                local h = ({ pf = bench_ph, plain = bench_qh })[ngx.var.arg_zone or ""]
+                          or bench_h
+                local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
                 local failed = 0
                 for i = base, base + n - 1 do
-                    local ok = bench_h:observe(0.01, { "/b/" .. i })
+                    local ok = h:observe(0.01, { "/b/" .. i })
                     if not ok then failed = failed + 1 end
                 end
                 local ms = (F.mono_ns() - t0) / 1e6
                 local cpu_ms = (F.cpu_ns() - c0) / 1e6
+                local f1 = F.thread_faults()
                 ngx.say(require("shmprom_bench.json").encode({ ms = ms,
-                    cpu_ms = cpu_ms, failed = failed, worker = ngx.worker.id() }))
+                    cpu_ms = cpu_ms, faults = f0 and f1 and f1 - f0 or -1,
+                    failed = failed, worker = ngx.worker.id() }))
+            }
+        }
+        # the plain and prefault zones get the 10k old label sets the
+        # warm-up gives the first zone; tells what prefaulting cost
+        location = /pf/warm {
+            content_by_lua_block {
+                for i = 1, 10000 do
+                    local path = "/p/" .. i
+                    assert(bench_qc:inc(1, { path, 200 }))
+                    assert(bench_qh:observe(0.001, { path }))
+                    assert(bench_pc:inc(1, { path, 200 }))
+                    assert(bench_ph:observe(0.001, { path }))
+                end
+                local d = ngx.shared.stall
+                ngx.say(require("shmprom_bench.json").encode({
+                    how = bench_p.prefault, master_ms = bench_pf_ms,
+                    map_ms = { d:get("pf_map_ms:0"), d:get("pf_map_ms:1") } }))
             }
         }
         location = /metrics { content_by_lua_block { bench_m:collect() } }
+        location = /pf/metrics { content_by_lua_block { bench_p:collect() } }
+        location = /plain/metrics { content_by_lua_block { bench_q:collect() } }
     }
 }
 EOC
@@ -114,6 +161,10 @@ my $script = "$FindBin::Bin/wrk/paths.lua";
 my $url = "http://127.0.0.1:$port/";
 # warm-up: the 10k old paths exist in the zone and in both workers' caches
 wrk_run(url => $url, threads => 2, conns => 50, secs => $QUICK ? 2 : 3, script => $script, args => ['old']);
+my $pf = http_get_json("http://127.0.0.1:$cport/pf/warm", 60);
+die "the prefault zone was not prefaulted\n" unless $pf && $pf->{how};
+logmsg sprintf('(f) prefault zone: %s, %.0f ms in the master, %s ms per worker (init_worker)',
+               $pf->{how}, $pf->{master_ms}, join('/', map { sprintf '%.0f', $_ // -1 } @{ $pf->{map_ms} }));
 sleep 0.5;
 
 my %runs;
@@ -127,11 +178,13 @@ for my $r (0 .. $ROUNDS - 1) {
         my @args = $mode eq 'new' ? ('new', 1_000_000 * $gen, $NEW / 2) : ('old');
         my $batch_pid;
         my $bfile = "$WORK/f-batch-$gen.json";
-        if ($mode eq 'batch') {
+        my $batch = $mode =~ /^batch/;
+        if ($batch) {
             my $base = 1_000_000 * $gen;
+            my $zone = { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain' }->{$mode} // '';
             $batch_pid = spawn_child('batch', sub {
                 sleep 1;
-                http_get("http://127.0.0.1:$cport/batch?base=$base&n=$NEW", 60, $bfile);
+                http_get("http://127.0.0.1:$cport/batch?base=$base&n=$NEW$zone", 60, $bfile);
             });
         }
         my $res = wrk_run(url => $url, threads => 2, conns => 50, secs => $SECS, latency => 1,
@@ -144,24 +197,26 @@ for my $r (0 .. $ROUNDS - 1) {
         my ($wmax) = sort { $b <=> $a } @{ $stall->{wall} };
         my ($cmax) = sort { $b <=> $a } @{ $stall->{cpu} };
         my %rec = (wrk => $res, stall => $stall, wall_max => $wmax, cpu_max => $cmax);
-        if ($mode eq 'batch') {
+        if ($batch) {
             my $bd = eval { JSON::PP->new->decode(slurp($bfile) // '') };
             die "batch request gave no answer\n" unless $bd;
             die "batch: $bd->{failed} refused\n" if $bd->{failed};
             $rec{batch_ms} = $bd->{ms};
             $rec{batch_cpu_ms} = $bd->{cpu_ms};
             $rec{batch_worker} = $bd->{worker};
+            $rec{batch_faults} = $bd->{faults};
             # the other worker: the stall the batch did not run in
             my @others = grep { $_ != $bd->{worker} } 0 .. $#{ $stall->{cpu} };
             ($rec{other_cpu}) = sort { $b <=> $a } map { $stall->{cpu}[$_] } @others;
         }
         $runs{$mode}[$r] = \%rec;
-        logmsg sprintf('(f) round %d %-5s %8.0f req/s p99 %.2f ms max %.1f ms; stall wall %s ms, busy %s ms%s',
+        logmsg sprintf('(f) round %d %-14s %8.0f req/s p99 %.2f ms max %.1f ms; stall wall %s ms, busy %s ms%s',
                        $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
                        join('/', map { sprintf '%.1f', $_ } @{ $stall->{wall} }),
                        join('/', map { sprintf '%.1f', $_ } @{ $stall->{cpu} }),
-                       $mode eq 'batch' ? sprintf('; batch loop %.1f ms (CPU %.1f ms) in worker %d',
-                                                  $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_worker}) : '');
+                       $batch ? sprintf('; batch loop %.1f ms (CPU %.1f ms, %d page faults) in worker %d',
+                                                  $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_faults},
+                                                  $rec{batch_worker}) : '');
     }
 }
 # every new label set went in
@@ -170,6 +225,12 @@ my ($series_c) = $m =~ /^shmprom_series\{family="bench_f_requests_total"\} (\S+)
 my ($series_h) = $m =~ /^shmprom_series\{family="bench_f_duration_seconds"\} (\S+)$/m;
 my ($dropped) = 0;
 $dropped += $1 while $m =~ /^shmprom_series_dropped_total\{family="bench_f_[^"]+"\} (\S+)$/mg;
+my %series2;
+for my $z (qw(plain pf)) {
+    (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/$z/metrics", 60);
+    ($series2{$z}) = $m =~ /^shmprom_series\{family="bench_f_duration_seconds"\} (\S+)$/m;
+    $dropped += $1 while $m =~ /^shmprom_series_dropped_total\{family="bench_f_[^"]+"\} (\S+)$/mg;
+}
 nginx_stop($nx);
 
 my @rows;
@@ -198,19 +259,22 @@ for my $mode (@MODES) {
                   sprintf('%.1f', 1000 * median(map { $_->{wrk}{max} } @rs)),
                   sprintf('%.1f / %.1f', $busy_med, $busy_worst),
                   sprintf('%.1f / %.1f', $wall_med, $wall_worst),
-                  $mode eq 'batch' ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set); '
-                                             . 'other worker busy %.1f ms',
+                  $mode =~ /^batch/ ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set), '
+                                             . '%d page faults; other worker busy %.1f ms',
                                              median(map { $_->{batch_ms} } @rs),
                                              median(map { $_->{batch_cpu_ms} } @rs),
                                              1000 * median(map { $_->{batch_cpu_ms} } @rs) / $NEW,
+                                             median(map { $_->{batch_faults} } @rs),
                                              median(map { $_->{other_cpu} } @rs)) : '',
                   $target ];
-    if ($mode ne 'old') {
+    if ($mode ne 'old' && $mode ne 'batch-plain') {
         my @base = map { $_->{cpu_max} } @{ $runs{old} };
         my (undef, $base_worst) = minmax(@base);
         add_target("f-$mode", $mode eq 'new'
                        ? '(f) 10k new label sets created by the traffic under load: longest worker stall'
-                       : '(f) 10k new histogram label sets created in one handler loop under load: longest worker stall',
+                       : $mode eq 'batch'
+                       ? '(f) 10k new histogram label sets created in one handler loop under load: longest worker stall'
+                       : '(f) the same loop into a zone opened with prefault = true: longest worker stall (the same into a zone without: ' . sprintf('%.1f ms', median(map { $_->{cpu_max} } @{ $runs{'batch-plain'} })) . ')',
                    "<= $TARGET ms",
                    sprintf('%.1f ms busy, median of %d runs (worst run %.1f; no-creation baseline %.1f, '
                            . 'worst %.1f; wall gaps up to %.1f ms, preemption included)', $busy_med, $ROUNDS,
@@ -220,14 +284,24 @@ for my $mode (@MODES) {
     $summary{"$mode busy_median"} = $busy_med;
     $summary{"$mode busy_worst"} = $busy_worst;
     $summary{"$mode wall_worst"} = $wall_worst;
-    $summary{"$mode batch_ms"} = median(map { $_->{batch_ms} } @rs) if $mode eq 'batch';
+    $summary{"$mode batch_ms"} = median(map { $_->{batch_ms} } @rs) if $mode =~ /^batch/;
 }
+# prefault against the same zone without, round by round (the two batches
+# of a round ran a few seconds apart under the same load)
+my @pf_ratio = map { $runs{'batch-prefault'}[$_]{cpu_max} / $runs{'batch-plain'}[$_]{cpu_max} } 0 .. $ROUNDS - 1;
+my @pf_loop_ratio = map { $runs{'batch-prefault'}[$_]{batch_cpu_ms} / $runs{'batch-plain'}[$_]{batch_cpu_ms} }
+                    0 .. $ROUNDS - 1;
+logmsg sprintf('(f) batch busy stall: %.1f ms without prefault (batch-plain), %.1f ms with (median ratio %.2f, '
+               . 'per round %s); loop CPU ratio %.2f; batch (traffic zone) %.1f ms',
+               $summary{'batch-plain busy_median'}, $summary{'batch-prefault busy_median'}, median(@pf_ratio),
+               join(' ', map { sprintf '%.2f', $_ } @pf_ratio), median(@pf_loop_ratio),
+               $summary{'batch busy_median'});
 
 my $cmd = $runs{old}[0]{wrk}{cmd};
 $cmd =~ s/:\d+\//:PORT\//;
 $cmd =~ s/\Q$REPO\E\///;
 my $md = "## (f) Creating 10k new label sets under load\n\n";
-$md .= "One nginx, 2 workers, zone 512m. Each request to `/p/ID` records, in log_by_lua, "
+$md .= "One nginx, 2 workers, zone 512m (and two more for the prefault comparison). Each request to `/p/ID` records, in log_by_lua, "
      . "`bench_f_requests_total{path,status}` and `bench_f_duration_seconds{path}` (19 buckets) "
      . "through labels() handles cached per path. Stall detector: a 1 ms `ngx.timer.every` per "
      . "worker records the longest gap between two ticks in each run (bench/lua/shmprom_bench/"
@@ -238,7 +312,13 @@ $md .= "One nginx, 2 workers, zone 512m. Each request to `/p/ID` records, in log
      . "Load: `$cmd` (old: 10k existing paths), `... -- new BASE 5000` (each of the 2 threads "
      . "first sends 5,000 new paths: 10k new label sets = 10k counter + 10k histogram series, "
      . "then the old paths), batch: the old load plus, 1 s in, one request whose handler creates "
-     . "10k new histogram label sets in a loop (`h:observe(0.01, { \"/b/\" .. i })`). "
+     . "10k new histogram label sets in a loop (`h:observe(0.01, { \"/b/\" .. i })`); "
+     . "batch-plain and batch-prefault: the same, the loop writing to one of two more 512m zones of "
+     . "the same nginx that differ only in `prefault` (off / on), both given the same 10k old label "
+     . "sets first and then only these batches: the pair isolates prefault (the batch row's zone also "
+     . "takes the traffic's label sets, and the workers' label caches of its family differ). The "
+     . "batch column counts the page faults the loop's thread took (getrusage RUSAGE_THREAD, minor "
+     . "+ major). "
      . "$ROUNDS rounds, modes rotated, ${SECS}s each; ratios against the old run of the same "
      . "round. The target is judged on the median over runs of each run's longest busy stall "
      . "(the worst run is shown beside it: on this shared machine a run disturbed by other "
@@ -246,8 +326,17 @@ $md .= "One nginx, 2 workers, zone 512m. Each request to `/p/ID` records, in log
 $md .= md_table([ 'mode', 'req/s', 'req/s ratio', 'p99 ms', 'p99 ratio', 'max latency ms',
                   'busy stall ms (median / worst run)', 'wall gap ms (median / worst run)', 'batch',
                   'target (busy stall)' ], @rows);
-$md .= "\nAfter the runs the zone holds " . fmt_num($series_c // 0) . " counter and "
-     . fmt_num($series_h // 0) . " histogram label sets; " . fmt_num($dropped) . " refused.\n\n";
+$md .= sprintf("\nbatch-prefault against batch-plain, round by round: longest busy stall %.1f ms against %.1f ms "
+               . "(median of the per-round ratios %.2f; per round %s); the loop's CPU time ratio %.2f "
+               . "(median). Prefaulting the 512m zone (%s) took %.0f ms in the master (init_by_lua) "
+               . "and %s ms in each worker's init_worker.\n",
+               $summary{'batch-prefault busy_median'}, $summary{'batch-plain busy_median'}, median(@pf_ratio),
+               join(' ', map { sprintf '%.2f', $_ } @pf_ratio), median(@pf_loop_ratio), $pf->{how},
+               $pf->{master_ms}, join(' and ', map { sprintf '%.0f', $_ // -1 } @{ $pf->{map_ms} }));
+$md .= "\nAfter the runs the first zone holds " . fmt_num($series_c // 0) . " counter and "
+     . fmt_num($series_h // 0) . " histogram label sets, the plain and prefault zones "
+     . fmt_num($series2{plain} // 0) . " and " . fmt_num($series2{pf} // 0)
+     . " histogram label sets; " . fmt_num($dropped) . " refused.\n\n";
 $md .= "Peer (nginx-lua-prometheus) **from anchors.md**: creating 10k new histogram label sets "
      . "blocked a worker for about 1.1 s.\n\n";
 write_fragment('f', $md);

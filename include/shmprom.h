@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define SHMPROM_ABI_VERSION 3
+#define SHMPROM_ABI_VERSION 4
 
 #define SHMPROM_OK 0
 #define SHMPROM_EINVAL (-1)
@@ -28,6 +28,10 @@ extern "C" {
 #define SHMPROM_EPANIC (-5)
 #define SHMPROM_ESTUCK (-6)
 #define SHMPROM_ETOOLONG (-7)
+
+/* `how` of shmprom_zone_prefault */
+#define SHMPROM_PREFAULT_ALLOCATE 0
+#define SHMPROM_PREFAULT_MAP 1
 
 /* SHMPROM_CDEF_BEGIN */
 typedef struct shmprom_zone shmprom_zone;
@@ -81,6 +85,8 @@ void shmprom_render_release(const void *handle);
 uint64_t shmprom_clock_ns(void);
 int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
 void shmprom_zone_set_grace(shmprom_zone *z, uint32_t secs);
+int shmprom_zone_prefault(shmprom_zone *z, uint32_t how, char *err,
+                          size_t errlen);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
 /* The gateway preset's recorder, for the nginx module (nginx-module/). */
 typedef struct shmprom_gw shmprom_gw;

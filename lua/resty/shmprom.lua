@@ -27,13 +27,16 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 3,
+    ABI = 4,
 }
 
 local FFI_OK = 0
 local KIND_COUNTER, KIND_GAUGE, KIND_HISTOGRAM = 0, 1, 2
 local MODE_SET, MODE_LIVESUM = 0, 1
 local ERR_BAD_VALUE, ERR_BAD_LABELS, ERR_INTERNAL = 0, 1, 4
+-- `how` of shmprom_zone_prefault (SHMPROM_PREFAULT_* in include/shmprom.h)
+local PREFAULT_ALLOCATE, PREFAULT_MAP = 0, 1
+local PREFAULT_METHODS = { [0] = "madvise", [1] = "touch" }
 -- Entries in a family's label cache before it is dropped and rebuilt.
 local MAX_CACHE = 65536
 -- Seconds between two error-log lines of the same kind, per worker.
@@ -209,7 +212,7 @@ local function try_claim(z)
 end
 
 --- shmprom.new{ zone = "name", size = "32m", planes = n, path = nil,
----              lib = nil }
+---              lib = nil, prefault = false }
 -- Opens (creating it on first use) a shared zone. Call it from
 -- init_by_lua* so every worker inherits it.
 function _M.new(opts)
@@ -237,6 +240,10 @@ function _M.new(opts)
     end
     if opts.path ~= nil and type(opts.path) ~= "string" then
         error("shmprom.new: 'path' must be a string", 2)
+    end
+    local prefault = opts.prefault
+    if prefault ~= nil and type(prefault) ~= "boolean" then
+        error("shmprom.new: 'prefault' must be a boolean", 2)
     end
     local ttl = opts.ttl
     if ttl ~= nil and (type(ttl) ~= "number" or ttl < 1 or ttl ~= floor(ttl))
@@ -278,6 +285,19 @@ function _M.new(opts)
     if rc == 1 and ngx then
         ngx.log(ngx.WARN, "shmprom: zone '", name, "': ", errmsg())
     end
+    -- The whole zone resident now, in the master before the workers fork
+    -- (each worker then maps it in init_worker). Safe on a zone already in
+    -- use (a reload): no value changes.
+    local prefaulted
+    if prefault then
+        local prc = C.shmprom_zone_prefault(out[0], PREFAULT_ALLOCATE, errbuf,
+                                            ERRLEN)
+        if prc < 0 then
+            error("shmprom.new: zone '" .. name .. "': prefault: " .. errmsg(),
+                  2)
+        end
+        prefaulted = PREFAULT_METHODS[tonumber(prc)]
+    end
     if grace then
         C.shmprom_zone_set_grace(out[0], grace)
     end
@@ -308,6 +328,8 @@ function _M.new(opts)
         render_thread = opts.render_thread ~= false,
         gzip = gzip ~= false,
         lib = lib_path,
+        -- "madvise" or "touch" (how the zone was made resident), or nil
+        prefault = prefaulted,
     }, Zone)
     zones[name] = z
     return z
@@ -318,6 +340,17 @@ end
 -- first update claims it otherwise. Retries every second while all planes
 -- are taken (old workers of a reload still running).
 function Zone:init_worker()
+    -- A worker inherits the zone's pages but not their page table entries:
+    -- map them all now rather than one fault per page at first use.
+    if self.prefault and not self.mapped and not in_master_init() then
+        self.mapped = true
+        local rc = C.shmprom_zone_prefault(self.ptr, PREFAULT_MAP, errbuf,
+                                           ERRLEN)
+        if rc < 0 then
+            log_limited("prefault", "zone '" .. self.name .. "': prefault in "
+                        .. "the worker: " .. errmsg())
+        end
+    end
     try_claim(self)
     if self.plane == 0 and ngx and not self.retrying then
         self.retrying = true

@@ -7,15 +7,16 @@ use crate::cells::{claim_plane, f64_add, f64_set, sum_cell};
 use crate::expose::{render, shared, Format};
 use crate::registry::{self, Def, DefineError, Kind, SeriesError};
 use crate::series::TableError;
-use crate::zone::{OpenError, Zone};
+use crate::zone::{OpenError, PrefaultHow, PrefaultMethod, Zone};
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 mod gateway;
 pub use gateway::*;
 
-/// Bumped whenever a signature or a struct of the C ABI changes.
-pub const SHMPROM_ABI_VERSION: u32 = 3;
+/// Bumped whenever a function, a signature or a struct of the C ABI
+/// changes (4: shmprom_zone_prefault).
+pub const SHMPROM_ABI_VERSION: u32 = 4;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;
@@ -25,6 +26,11 @@ pub const SHMPROM_EOS: c_int = -4;
 pub const SHMPROM_EPANIC: c_int = -5;
 pub const SHMPROM_ESTUCK: c_int = -6;
 pub const SHMPROM_ETOOLONG: c_int = -7;
+
+/// `how` of shmprom_zone_prefault: allocate every page and map it here.
+pub const SHMPROM_PREFAULT_ALLOCATE: u32 = 0;
+/// `how` of shmprom_zone_prefault: map the zone's pages into this process.
+pub const SHMPROM_PREFAULT_MAP: u32 = 1;
 
 /// Opaque zone handle (the base of the shared mapping).
 #[repr(C)]
@@ -791,6 +797,45 @@ pub unsafe extern "C" fn shmprom_zone_set_grace(z: *mut shmprom_zone, secs: u32)
             .reuse_grace
             .store(secs, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Brings the whole zone into memory now rather than page by page at
+/// first use. `how` is SHMPROM_PREFAULT_ALLOCATE (every page made resident,
+/// allocated where it never was, and mapped writable here: in the process
+/// that creates the zone) or SHMPROM_PREFAULT_MAP (the zone's pages mapped
+/// into this process's page tables: in a process that inherited the zone
+/// by fork). Safe on a live zone: no value changes. Returns 0 when done by
+/// madvise, 1 when done by touching every page (kernels before 5.14), or a
+/// negative error code.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open; `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_zone_prefault(
+    z: *mut shmprom_zone,
+    how: u32,
+    err: *mut c_char,
+    errlen: usize,
+) -> c_int {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
+    let how = match how {
+        SHMPROM_PREFAULT_ALLOCATE => PrefaultHow::Allocate,
+        SHMPROM_PREFAULT_MAP => PrefaultHow::Map,
+        _ => {
+            set_err(err, errlen, "prefault: how must be 0 (allocate) or 1 (map)");
+            return SHMPROM_EINVAL;
+        }
+    };
+    guard!(err, errlen, SHMPROM_EPANIC, {
+        match zone(z).prefault(how) {
+            Ok(PrefaultMethod::Madvise) => 0,
+            Ok(PrefaultMethod::Touch) => 1,
+            Err(m) => {
+                set_err(err, errlen, &m);
+                SHMPROM_EOS
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 /* A C program built against include/shmprom.h: opens a zone, defines a
- * counter, updates it, renders, checks the line is there. */
+ * counter, updates it, renders, checks the line is there, prefaults. */
 #include "shmprom.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +35,13 @@ int main(void) {
     shmprom_buf_free(buf, len);
     CHECK(found);
     CHECK(shmprom_check(z, err, sizeof err) == SHMPROM_OK);
+    /* prefault: 0 (madvise) or 1 (page by page); the values stay */
+    CHECK(shmprom_zone_prefault(z, SHMPROM_PREFAULT_ALLOCATE, err, sizeof err) >= 0);
+    CHECK(shmprom_zone_prefault(z, SHMPROM_PREFAULT_MAP, err, sizeof err) >= 0);
+    CHECK(shmprom_zone_prefault(z, 7, err, sizeof err) == SHMPROM_EINVAL);
+    CHECK(strstr(err, "prefault") != NULL);
+    CHECK(shmprom_zone_prefault(NULL, 0, err, sizeof err) == SHMPROM_EINVAL);
+    CHECK(shmprom_cell_get(z, (uint32_t)fam, (uint64_t)cell, 0) == 42.0);
     printf("ok\n");
     return 0;
 }

@@ -195,5 +195,22 @@ do
     assert(text:find('num_labels_total{a="1999",b="1999.5",c="-1999"} 1\n', 1, true))
 end
 
+-- prefault: the zone made resident at open (madvise on Linux >= 5.14),
+-- mapped again by init_worker; it works like any other zone
+do
+    local pf = shmprom.new{ zone = "lua-prefault", size = "2m", prefault = true }
+    assert(pf.prefault == "madvise" or pf.prefault == "touch", tostring(pf.prefault))
+    pf:init_worker()
+    local pc = pf:counter("pf_total", "Prefaulted", {"k"})
+    for i = 1, 100 do
+        assert(pc:inc(1, {i % 10}))
+    end
+    assert(pc:value({3}) == 10)
+    assert(pf:metric_data():find('pf_total{k="3"} 10\n', 1, true))
+    assert(pf:check())
+    assert(m.prefault == nil, "no prefault unless asked")
+    assert(shmprom.new{ zone = "lua-prefault-off", size = "1m", prefault = false }.prefault == nil)
+end
+
 assert(m:check())
 return "ok"

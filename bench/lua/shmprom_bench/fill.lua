@@ -24,7 +24,27 @@ local function cpu_ns()
     return tonumber(ts.tv_sec) * 1e9 + tonumber(ts.tv_nsec)
 end
 
-local _M = { mono_ns = mono_ns, cpu_ns = cpu_ns }
+-- page faults taken by the calling thread so far (minor + major), from
+-- getrusage(RUSAGE_THREAD); nil when the call fails
+pcall(ffi.cdef, [[
+typedef struct {
+    long ru_utime[2]; long ru_stime[2];
+    long ru_maxrss, ru_ixrss, ru_idrss, ru_isrss, ru_minflt, ru_majflt,
+         ru_nswap, ru_inblock, ru_oublock, ru_msgsnd, ru_msgrcv,
+         ru_nsignals, ru_nvcsw, ru_nivcsw;
+} shmprom_bench_rusage;
+int getrusage(int who, shmprom_bench_rusage *usage);
+]])
+local ru = ffi.new("shmprom_bench_rusage")
+local RUSAGE_THREAD = 1
+local function thread_faults()
+    if C.getrusage(RUSAGE_THREAD, ru) ~= 0 then
+        return nil
+    end
+    return tonumber(ru.ru_minflt) + tonumber(ru.ru_majflt)
+end
+
+local _M = { mono_ns = mono_ns, cpu_ns = cpu_ns, thread_faults = thread_faults }
 
 -- the peer's default buckets (19; +Inf added by each library)
 _M.BUCKETS19 = {

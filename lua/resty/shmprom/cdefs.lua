@@ -57,6 +57,8 @@ void shmprom_render_release(const void *handle);
 uint64_t shmprom_clock_ns(void);
 int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
 void shmprom_zone_set_grace(shmprom_zone *z, uint32_t secs);
+int shmprom_zone_prefault(shmprom_zone *z, uint32_t how, char *err,
+                          size_t errlen);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
 /* The gateway preset's recorder, for the nginx module (nginx-module/). */
 typedef struct shmprom_gw shmprom_gw;

@@ -152,9 +152,10 @@ local function classify(method, depth)
 end
 _M.classify = classify
 
--- zone, size, lib, path and planes go to shmprom.new as they are
+-- zone, size, lib, path, planes and prefault go to shmprom.new as they are
 local OPTION_NAMES = {
     zone = true, size = true, lib = true, path = true, planes = true,
+    prefault = true,
     nodes = true,
     probe_interval = true, probe_timeout = true, probe_path = true,
     probe_method = true, module = true,
@@ -368,7 +369,7 @@ function _M.init(opts)
     local zone = opts.zone or "dfs_gateway"
     local ok, m = pcall(shmprom.new, {
         zone = zone, size = opts.size or "64m", lib = opts.lib,
-        path = opts.path, planes = opts.planes,
+        path = opts.path, planes = opts.planes, prefault = opts.prefault,
     })
     if not ok then
         error("resty.shmprom.gateway: " .. tostring(m), 2)
