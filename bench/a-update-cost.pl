@@ -13,9 +13,9 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw($REPO $QUICK $PEER $MODULES $USER_LINE free_ports nginx_start
+use Bench qw(conf_head $REPO $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json median minmax fmt_num md_table
-             write_fragment spew lua_paths logmsg add_target $OUT);
+             write_fragment spew logmsg add_target $OUT);
 
 my $N = $ENV{BENCH_A_N} || ($QUICK ? 2_000_000 : 10_000_000);
 my $ROUNDS = $ENV{BENCH_A_ROUNDS} || ($QUICK ? 3 : 7);
@@ -39,24 +39,8 @@ my $peer_init = $PEER ? <<'EOL' : '';
             }
         end
 EOL
-my $paths = lua_paths();
 
-my $conf = <<"EOC";
-load_module $MODULES/ndk_http_module.so;
-load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
-worker_processes 1;
-pid \$PREFIX/logs/nginx.pid;
-error_log \$PREFIX/logs/error.log notice;
-events { worker_connections 256; }
-http {
-    $paths
-    access_log off;
-    client_body_temp_path \$PREFIX/tmp/body;
-    proxy_temp_path \$PREFIX/tmp/proxy;
-    fastcgi_temp_path \$PREFIX/tmp/fastcgi;
-    uwsgi_temp_path \$PREFIX/tmp/uwsgi;
-    scgi_temp_path \$PREFIX/tmp/scgi;
+my $conf = conf_head(workers => 1, conns => 256, temp => 1) . <<"EOC";
     $peer_http
 
     init_by_lua_block {

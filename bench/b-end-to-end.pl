@@ -20,9 +20,9 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw($REPO $WORK $QUICK $PEER $MODULES $USER_LINE free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get wrk_run median minmax fmt_num md_table
-             write_fragment spew slurp lua_paths logmsg worker_pids add_target $OUT);
+             write_fragment spew slurp logmsg worker_pids add_target $OUT);
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 2 : 10);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
@@ -107,24 +107,8 @@ EOS
         peer_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
             "HTTP request latency", {"host"}, $BUCKETS)
 EOL
-    my $paths = lua_paths();
     my ($mport) = free_ports(1);
-    my $conf = <<"EOC";
-load_module $MODULES/ndk_http_module.so;
-load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
-worker_processes 2;
-pid \$PREFIX/logs/nginx.pid;
-error_log \$PREFIX/logs/error.log notice;
-events { worker_connections 1024; }
-http {
-    $paths
-    access_log off;
-    client_body_temp_path \$PREFIX/tmp/body;
-    proxy_temp_path \$PREFIX/tmp/proxy;
-    fastcgi_temp_path \$PREFIX/tmp/fastcgi;
-    uwsgi_temp_path \$PREFIX/tmp/uwsgi;
-    scgi_temp_path \$PREFIX/tmp/scgi;
+    my $conf = conf_head(workers => 2, conns => 1024, temp => 1) . <<"EOC";
     $peer_http
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
@@ -343,23 +327,7 @@ sub gateway {
 # and the same 7 values read through one map variable and split in Lua.
 sub diag {
     my ($port, $bport, $mport) = free_ports(3);
-    my $paths = lua_paths();
-    my $conf = <<"EOC";
-load_module $MODULES/ndk_http_module.so;
-load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
-worker_processes 1;
-pid \$PREFIX/logs/nginx.pid;
-error_log \$PREFIX/logs/error.log notice;
-events { worker_connections 1024; }
-http {
-    $paths
-    access_log off;
-    client_body_temp_path \$PREFIX/tmp/body;
-    proxy_temp_path \$PREFIX/tmp/proxy;
-    fastcgi_temp_path \$PREFIX/tmp/fastcgi;
-    uwsgi_temp_path \$PREFIX/tmp/uwsgi;
-    scgi_temp_path \$PREFIX/tmp/scgi;
+    my $conf = conf_head(workers => 1, conns => 1024, temp => 1) . <<"EOC";
     map \$request_method \$bench_log_vars {
         default "\$request_length \$bytes_sent \$request_completion \$body_bytes_sent \$upstream_addr|\$upstream_status|\$upstream_response_time";
     }

@@ -19,9 +19,9 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw($REPO $WORK $QUICK $PEER $MODULES $USER_LINE free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json median minmax fmt_num md_table
-             write_fragment spew slurp lua_paths logmsg add_target $OUT);
+             write_fragment spew slurp logmsg add_target $OUT);
 
 my $REPS = $ENV{BENCH_C_REPS} || ($QUICK ? 3 : 7);
 my $SCRAPES = $QUICK ? 2 : 5;
@@ -38,7 +38,6 @@ my $HLINES = 22;    # 20 bucket lines + sum + count
 
 sub conf {
     my ($case, $port, $peer) = @_;
-    my $paths = lua_paths();
     my $init = $peer ? '' : <<"EOL";
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
@@ -64,23 +63,8 @@ EOL
 EOL
     my $collect = $peer ? 'peer_prom:collect()' : 'bench_m:collect()';
     my $render = $peer ? 'F.peer_render_times(peer_prom, n)' : 'F.render_times(bench_m, n)';
-    return <<"EOC";
-load_module $MODULES/ndk_http_module.so;
-load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
-worker_processes 2;
-pid \$PREFIX/logs/nginx.pid;
-error_log \$PREFIX/logs/error.log notice;
-events { worker_connections 256; }
-http {
-    $paths
-    access_log off;
+    return conf_head(workers => 2, conns => 256, temp => 1) . <<"EOC";
     lua_socket_log_errors off;
-    client_body_temp_path \$PREFIX/tmp/body;
-    proxy_temp_path \$PREFIX/tmp/proxy;
-    fastcgi_temp_path \$PREFIX/tmp/fastcgi;
-    uwsgi_temp_path \$PREFIX/tmp/uwsgi;
-    scgi_temp_path \$PREFIX/tmp/scgi;
 $init$peer_init
     server {
         listen 127.0.0.1:$port;

@@ -13,9 +13,9 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw($REPO $WORK $QUICK $MODULES $USER_LINE free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK free_ports nginx_start
              nginx_stop http_get http_get_json fmt_num md_table write_fragment
-             spew lua_paths logmsg add_target $OUT);
+             spew logmsg add_target $OUT);
 
 my @SIZES = $QUICK ? ('32m') : ('8m', '32m', '128m');
 my $N = 100_000;
@@ -49,18 +49,7 @@ for my $cfg (@CONFIGS) {
     my ($size, $planes) = @$cfg;
     my $popt = defined $planes ? ", planes = $planes" : '';
     my ($port) = free_ports(1);
-    my $paths = lua_paths();
-    my $conf = <<"EOC";
-load_module $MODULES/ndk_http_module.so;
-load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
-worker_processes 2;
-pid \$PREFIX/logs/nginx.pid;
-error_log \$PREFIX/logs/error.log crit;
-events { worker_connections 256; }
-http {
-    $paths
-    access_log off;
+    my $conf = conf_head(workers => 2, conns => 256, log => 'crit') . <<"EOC";
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         bench_m = shmprom.new{ zone = "bench_d", size = "$size"$popt }

@@ -21,9 +21,9 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw($REPO $WORK $QUICK $MODULES $USER_LINE free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
-             md_table write_fragment spew slurp lua_paths logmsg spawn_child
+             md_table write_fragment spew slurp logmsg spawn_child
              stop_child add_target $OUT);
 use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
@@ -36,18 +36,7 @@ my $NEW_OPTS = $ENV{BENCH_E_NEW_OPTS} ? ", $ENV{BENCH_E_NEW_OPTS}" : '';
 my $SET_NICE = grep { /-nice\d+$/ } @MODES;
 
 my ($port, $mport) = free_ports(2);
-my $paths = lua_paths();
-my $conf = <<"EOC";
-load_module $MODULES/ndk_http_module.so;
-load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
-worker_processes 2;
-pid \$PREFIX/logs/nginx.pid;
-error_log \$PREFIX/logs/error.log notice;
-events { worker_connections 1024; }
-http {
-    $paths
-    access_log off;
+my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
     lua_shared_dict stall 1m;
     lua_shared_dict bench_ctl 64k;
     init_by_lua_block {

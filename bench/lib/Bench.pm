@@ -29,7 +29,7 @@ use Time::HiRes qw(time sleep);
 
 our @EXPORT_OK = qw(
     $REPO $WORK $OUT $QUICK $PEER $NGINX $MODULES $USER_LINE
-    free_ports nginx_start nginx_stop worker_pids cpu_ticks clk_tck
+    free_ports nginx_start nginx_stop worker_pids cpu_ticks clk_tck conf_head
     wrk_run http_get http_get_json wait_until median minmax fmt_num
     md_table write_fragment slurp spew spawn_child stop_child wait_child json_encode
     add_target
@@ -109,6 +109,39 @@ sub lua_paths {
     return "lua_package_path \"$lua/?.lua;$REPO/bench/lua/?.lua;${peer}"
          . "/usr/share/lua/5.1/?.lua;;\";\n"
          . "    lua_package_cpath \"$lib/?.so;;\";";
+}
+
+# The start of every bench's nginx.conf, up to and inside `http {`: the ndk
+# and lua modules, the user line (when root), the workers, pid and error log
+# under $PREFIX (nginx_start fills it in), the events block, the Lua paths
+# and `access_log off`; temp => 1 adds every temp path under $PREFIX.
+#   conf_head(workers => 2, conns => 1024, log => 'notice', temp => 0)
+sub conf_head {
+    my (%o) = @_;
+    my $workers = $o{workers} // 2;
+    my $conns = $o{conns} // 1024;
+    my $log = $o{log} // 'notice';
+    my $paths = lua_paths();
+    my $temp = '';
+    if ($o{temp}) {
+        for my $t (qw(client_body proxy fastcgi uwsgi scgi)) {
+            my $dir = $t eq 'client_body' ? 'body' : $t;
+            $temp .= "    ${t}_temp_path \$PREFIX/tmp/$dir;\n";
+        }
+    }
+    return <<"EOC";
+load_module $MODULES/ndk_http_module.so;
+load_module $MODULES/ngx_http_lua_module.so;
+$USER_LINE
+worker_processes $workers;
+pid \$PREFIX/logs/nginx.pid;
+error_log \$PREFIX/logs/error.log $log;
+events { worker_connections $conns; }
+http {
+    $paths
+    access_log off;
+$temp
+EOC
 }
 
 sub _proc_stat_fields {
