@@ -8,7 +8,8 @@
 #      master_process on, daemon on: the master, every worker and every
 #      reload run under memcheck), through the harness's SHMPROM_NGINX hook.
 #
-# Only errors with a frame in libshmprom (or a shmprom:: Rust symbol) count:
+# Only errors with a frame in libshmprom (or a shmprom:: Rust symbol) or in
+# the nginx module (ngx_http_shmprom_module.so) count:
 # LuaJIT and nginx are known to upset memcheck on their own (LuaJIT's string
 # hashing reads whole words past the end of strings, its allocator and JIT
 # code), and those are reported as "other" for information.
@@ -63,9 +64,10 @@ analyse() {
             my $flush = sub {
                 return unless defined $kind;
                 # a frame of ours: the library file, a Rust path in the
-                # crate, an exported shmprom_* function, or a source file
-                # of this repository (full paths: --fullpath-after=)
-                if ($block =~ /libshmprom|\bshmprom::|\bshmprom_\w+ \(|\Q$ENV{VG_REPO}\E\/src\//) {
+                # crate, an exported shmprom_* function, the nginx module
+                # (ngx_http_shmprom_*), or a source file of this repository
+                # (full paths: --fullpath-after=)
+                if ($block =~ /libshmprom|\bshmprom::|\bshmprom_\w+ \(|ngx_http_shmprom|\Q$ENV{VG_REPO}\E\/(?:src|nginx-module)\//) {
                     $ours++;
                     $kinds{$kind}++;
                     $first{$kind} //= "$f:\n$block";
@@ -129,7 +131,9 @@ EOF
         say "running $t with nginx under memcheck"
         rm -f "$VG_DIR"/nginx.*.vg
         start=$SECONDS
-        SHMPROM_NGINX=$wrapper SHMPROM_NO_PROCTITLE=1 prove -v "$t" >"$VG_DIR/$name.prove.log" 2>&1
+        # NGINX: the t/ files that start the gateway through
+        # scripts/run-gateway.sh (t/040, t/041)
+        SHMPROM_NGINX=$wrapper NGINX=$wrapper SHMPROM_NO_PROCTITLE=1 prove -v "$t" >"$VG_DIR/$name.prove.log" 2>&1
         rc=$?
         mkdir -p "$VG_DIR/$name"
         mv "$VG_DIR"/nginx.*.vg "$VG_DIR/$name/" 2>/dev/null
