@@ -88,6 +88,7 @@ pub struct Attempt<'a> {
 /// What the log phase knows of one request.
 #[derive(Clone, Copy, Debug)]
 pub struct Request<'a> {
+    /// The request method as the client sent it (`GET`, `PROPFIND`, ...).
     pub method: &'a [u8],
     /// The `Depth` request header, when present.
     pub depth: Option<&'a [u8]>,
@@ -105,6 +106,7 @@ pub struct Request<'a> {
     pub body_sent: u64,
     /// The request body's size when known (`$content_length`).
     pub content_length: Option<u64>,
+    /// The attempts to storage nodes, in the order nginx made them.
     pub attempts: &'a [Attempt<'a>],
 }
 

@@ -22,6 +22,7 @@ pub struct shmprom_gw {
 pub struct shmprom_gw_attempt {
     /// The peer's name (not NUL-terminated).
     pub node: *const c_char,
+    /// Bytes at `node`.
     pub node_len: usize,
     /// The node's status; 0: none ("-").
     pub status: u32,
@@ -34,10 +35,13 @@ pub struct shmprom_gw_attempt {
 /// The facts of one request at its log phase.
 #[repr(C)]
 pub struct shmprom_gw_request {
+    /// The request method (not NUL-terminated).
     pub method: *const c_char,
+    /// Bytes at `method`.
     pub method_len: usize,
     /// The Depth request header; NULL when absent.
     pub depth: *const c_char,
+    /// Bytes at `depth`.
     pub depth_len: usize,
     /// `$status`.
     pub status: u32,
@@ -53,7 +57,9 @@ pub struct shmprom_gw_request {
     pub body_sent: u64,
     /// The request body's size; negative: unknown.
     pub content_length: i64,
+    /// Entries at `attempts`.
     pub nattempts: u32,
+    /// The attempts to storage nodes, in the order nginx made them.
     pub attempts: *const shmprom_gw_attempt,
 }
 
@@ -68,9 +74,13 @@ pub type shmprom_gw_record_fn =
 pub struct shmprom_gw_hooks {
     /// [`SHMPROM_ABI_VERSION`] of the library the hooks belong to.
     pub abi: u32,
+    /// The recorder the functions are called with.
     pub gw: *mut shmprom_gw,
+    /// A request entered the gateway ([`shmprom_gw_begin`]).
     pub begin: shmprom_gw_fn,
+    /// A request counted by `begin` left ([`shmprom_gw_end`]).
     pub end: shmprom_gw_fn,
+    /// Records one request ([`shmprom_gw_record`]).
     pub record: shmprom_gw_record_fn,
 }
 
