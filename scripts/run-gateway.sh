@@ -17,7 +17,8 @@
 #   scripts/run-gateway.sh status      list the processes and whether they run
 #
 # Environment: GATEWAY_PORT (8080), METRICS_PORT (9145), NODE_PORTS
-# ("8081 8082 8083"), VAR_DIR (<repo>/var), NGINX (nginx), START_TIMEOUT
+# ("8081 8082 8083"), VAR_DIR (<repo>/var), SHMPROM_NGINX or NGINX (the
+# nginx binary, default nginx), START_TIMEOUT
 # (seconds to wait for a listener, 15), STOP_TIMEOUT (seconds to wait for a
 # process to exit before SIGKILL, 10), RECORDER ("module" when
 # target/release/ngx_http_shmprom_module.so is built, else "lua": who records
@@ -34,7 +35,12 @@ GATEWAY_PORT=${GATEWAY_PORT:-8080}
 METRICS_PORT=${METRICS_PORT:-9145}
 NODE_PORTS=${NODE_PORTS:-"8081 8082 8083"}
 VAR_DIR=${VAR_DIR:-$REPO/var}
-NGINX=${NGINX:-nginx}
+# the nginx binary: SHMPROM_NGINX (as t/lib's harness; scripts/valgrind-check.sh
+# points it at valgrind), else NGINX, else nginx. An exported NGINX is taken
+# out of the environment nginx runs in: nginx reads that variable as the
+# listening sockets handed over by a binary upgrade.
+NGINX=${SHMPROM_NGINX:-${NGINX:-nginx}}
+export -n NGINX 2>/dev/null || true
 START_TIMEOUT=${START_TIMEOUT:-15}
 STOP_TIMEOUT=${STOP_TIMEOUT:-10}
 MODULE_SO=$REPO/target/release/ngx_http_shmprom_module.so

@@ -131,9 +131,9 @@ EOF
         say "running $t with nginx under memcheck"
         rm -f "$VG_DIR"/nginx.*.vg
         start=$SECONDS
-        # NGINX: the t/ files that start the gateway through
-        # scripts/run-gateway.sh (t/040, t/041)
-        SHMPROM_NGINX=$wrapper NGINX=$wrapper SHMPROM_NO_PROCTITLE=1 prove -v "$t" >"$VG_DIR/$name.prove.log" 2>&1
+        # (scripts/run-gateway.sh, which t/040 and t/041 start the
+        # gateway with, takes SHMPROM_NGINX too)
+        SHMPROM_NGINX=$wrapper SHMPROM_NO_PROCTITLE=1 prove -v "$t" >"$VG_DIR/$name.prove.log" 2>&1
         rc=$?
         mkdir -p "$VG_DIR/$name"
         mv "$VG_DIR"/nginx.*.vg "$VG_DIR/$name/" 2>/dev/null
