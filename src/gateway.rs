@@ -144,6 +144,11 @@ type Fx = BuildHasherDefault<FxHasher>;
 /// No cell index cached yet (or none to be had: the zone is full).
 const NONE: u32 = u32::MAX;
 
+/// Storage nodes cached per worker before the cache starts afresh (node
+/// names come from the upstream's peers: a proxy_pass to a variable can
+/// bring new ones without end).
+const MAX_NODES: usize = 4096;
+
 /// The series of one storage node.
 #[derive(Default)]
 struct Node {
@@ -422,6 +427,9 @@ impl Gateway {
             registry::series_get(zone, fam[f], values).unwrap_or(NONE)
         };
         // one lookup for a known node; a new one is inserted once
+        if self.nodes.len() >= MAX_NODES && !self.nodes.contains_key(a.node) {
+            self.nodes.clear();
+        }
         let node = match self.nodes.get_mut(a.node) {
             Some(n) => n,
             None => self.nodes.entry(a.node.into()).or_default(),
@@ -665,6 +673,45 @@ mod tests {
             &text(g.zone()),
             r#"dfs_gateway_requests_total{op="read",status="200"} 1"#,
         );
+    }
+
+    #[test]
+    fn node_cache_stays_bounded() {
+        let (z, ids) = preset_zone("gw-nodes-test");
+        let mut g = Gateway::new(z, ids).unwrap();
+        let names: Vec<String> = (0..MAX_NODES + 10).map(|i| format!("n{i}")).collect();
+        for n in &names {
+            let a = [Attempt {
+                node: n.as_bytes(),
+                status: 200,
+                time: None,
+                retried: false,
+            }];
+            g.record(&Request {
+                method: b"GET",
+                depth: None,
+                status: 200,
+                complete: true,
+                duration: 0.0,
+                received: 0,
+                sent: 0,
+                body_sent: 0,
+                content_length: None,
+                attempts: &a,
+            });
+            assert!(g.nodes.len() <= MAX_NODES);
+        }
+        // every node was counted (the zone holds them all)
+        let t = text(g.zone());
+        has(
+            &t,
+            r#"dfs_gateway_upstream_attempts_total{node="n0",status="200"} 1"#,
+        );
+        let last = format!(
+            r#"dfs_gateway_upstream_attempts_total{{node="n{}",status="200"}} 1"#,
+            MAX_NODES + 9
+        );
+        has(&t, &last);
     }
 
     #[test]
