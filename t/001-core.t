@@ -105,13 +105,7 @@ my $n = ShmpromTest->new(
     server      => $server,
 );
 
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts with shmprom loaded');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass('nginx starts with shmprom loaded, workers ' . join(' ', $n->worker_pids));
+$n->start_ok('nginx starts with shmprom loaded');
 
 # ---------------------------------------------------------------- helpers
 

@@ -46,13 +46,7 @@ my $n = ShmpromTest->new(
     }
 NGX
 );
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts with the README example');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass('nginx starts with the README example');
+$n->start_ok('nginx starts with the README example');
 
 my %want = (200 => 200, 404 => 60, 500 => 40);
 my %path = (200 => '/ok', 404 => '/missing', 500 => '/broken');

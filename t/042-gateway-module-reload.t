@@ -65,19 +65,9 @@ NGX
 NGX
 );
 
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass('nginx starts with ngx_http_shmprom_module, workers ' . join(' ', $n->worker_pids));
+$n->start_ok('nginx starts with ngx_http_shmprom_module');
 
-sub scrape {
-    my $r = $n->get(['/metrics', 2]);
-    return undef unless $r->{status} == 200;
-    return eval { parse_metrics($r->{body}) };
-}
+sub scrape { return $n->metrics('/metrics', 2) }
 sub reads { my ($p) = @_; return metric_value($p, 'dfs_gateway_requests_total', op => 'read', status => '200') // 0 }
 sub in_flight { my ($p) = @_; return metric_value($p, 'dfs_gateway_requests_in_flight') }
 

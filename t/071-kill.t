@@ -79,19 +79,9 @@ LUA
 NGX
 );
 
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass('nginx starts, workers ' . join(' ', $n->worker_pids));
+$n->start_ok('nginx starts');
 
-sub scrape {
-    my $r = $n->get('/metrics');
-    return undef unless $r->{status} == 200;
-    return eval { parse_metrics($r->{body}) };
-}
+sub scrape { return $n->metrics }
 
 my $r0 = $n->get('/check');
 chomp $r0->{body};

@@ -75,13 +75,7 @@ LUA
 NGX
 );
 
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts with a 256k zone');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass('nginx starts with a 256k zone');
+$n->start_ok('nginx starts with a 256k zone');
 my @pids0 = $n->worker_pids;
 
 my $last_body = '';

@@ -178,13 +178,7 @@ NGX
 
 my $n = ShmpromTest->new(workers => 2, init => $init, init_worker => '        metrics:init_worker()',
                          server => $server);
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass('nginx starts');
+$n->start_ok('nginx starts');
 my @pids0 = $n->worker_pids;
 my $sent = 0;    # requests that increment t_ctl_total
 

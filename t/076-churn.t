@@ -104,20 +104,12 @@ LUA
 NGX
 );
 
-if (!eval { $n->start; 1 }) {
-    fail('nginx starts');
-    diag $@;
-    done_testing;
-    exit;
-}
-pass("nginx starts with two 256k zones, one with ttl = $TTL (pacing for a reuse grace of $GRACE s)");
+$n->start_ok("nginx starts with two 256k zones, one with ttl = $TTL (pacing for a reuse grace of $GRACE s)");
 my @pids0 = $n->worker_pids;
 
 sub scrape {
     my ($which) = @_;
-    my $r = $n->get("/metrics/$which");
-    return undef unless $r->{status} == 200;
-    return eval { parse_metrics($r->{body}) };
+    return $n->metrics("/metrics/$which");
 }
 sub used { metric_value($_[0], 'shmprom_zone_bytes', type => 'used') // 0 }
 sub check { my $b = $n->get("/check/$_[0]")->{body} // ''; chomp $b; return $b }

@@ -567,8 +567,34 @@ sub error_lines {
     return @l;
 }
 
+# start_ok($what): start(), then a passing test "$what (workers PIDS)"; when
+# nginx does not start, a failing "$what" with the reason, and the test file
+# ends there (done_testing, exit): nothing after it could run.
+sub start_ok {
+    my ($self, $what) = @_;
+    require Test::More;
+    if (!eval { $self->start; 1 }) {
+        my $err = $@;
+        Test::More::fail($what);
+        Test::More::diag($err);
+        Test::More::done_testing();
+        exit;
+    }
+    Test::More::pass("$what (workers " . join(' ', $self->worker_pids) . ')');
+    return $self;
+}
+
 # ---------------------------------------------------------------------------
 # simple requests
+
+# metrics($path, $port_index) -> parse_metrics of GET $path (default
+# /metrics on $PORT), or undef when it does not answer 200 or does not parse
+sub metrics {
+    my ($self, $path, $port_index) = @_;
+    my $r = $self->get([ $path // '/metrics', $port_index // 1 ]);
+    return undef unless $r->{status} == 200;
+    return eval { parse_metrics($r->{body}) };
+}
 
 # get($path, %headers) -> { status, reason, headers => {lc name => value}, body, content }
 # A path may be given as [$path, $port_index] to talk to $PORTn.
