@@ -60,17 +60,26 @@ my $log_code = <<'LUA';
             chk("m_changed:inc", m_changed:inc(1, changed_lv))
 LUA
 
-my $server = <<"NGX";
-        location = /x {
+# /x answers at once; /xs after 1 ms, so that a load of 20,000 requests at
+# concurrency 8 lasts 2.5 s at least and a reload started after 5,000 is
+# over before it ends, however fast the machine (the same counting)
+my $counted = sub {
+    my ($path, $content) = @_;
+    return <<"NGX";
+        location = $path {
             access_by_lua_block {
                 local ok, err = m_inflight:inc(1)
                 if not ok then ngx.log(ngx.ERR, "shmprom m_inflight:inc failed: ", tostring(err)) end
             }
-            content_by_lua_block { ngx.say("ok") }
+            content_by_lua_block { $content }
             log_by_lua_block {
 $log_code
             }
         }
+NGX
+};
+
+my $server = $counted->('/x', 'ngx.say("ok")') . $counted->('/xs', 'ngx.sleep(0.001) ngx.say("ok")') . <<"NGX";
         # held requests: report the worker pid, then wait until the client goes away
         location = /hold {
             lua_check_client_abort on;
@@ -240,7 +249,7 @@ subtest 'reload in the middle of 20000 requests: nothing lost, nothing twice' =>
     my $before_fixed = metric_value($p0, 't_fixed_seconds_count', method => 'GET') // 0;
     my @old = $n->worker_pids;
     my ($at_hup, $after_reload, $mid1, $mid2, $scrape_ok);
-    my $r = $n->load(requests => 20000, concurrency => 8, path => '/x', during => sub {
+    my $r = $n->load(requests => 20000, concurrency => 8, path => '/xs', during => sub {
         my ($ctl) = @_;
         $ctl->wait_done(5000, timeout => 60) or die "load made no progress\n";
         my ($pa) = scrape();
