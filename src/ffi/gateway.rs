@@ -5,7 +5,7 @@
 // the C names of include/shmprom.h
 #![allow(non_camel_case_types)]
 
-use super::{set_err, shmprom_zone, zone, SHMPROM_ABI_VERSION, SHMPROM_EINVAL, SHMPROM_OK};
+use super::{bytes, set_err, shmprom_zone, zone, SHMPROM_ABI_VERSION, SHMPROM_EINVAL, SHMPROM_OK};
 use crate::gateway::{Attempt, Gateway, Request};
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -222,21 +222,6 @@ pub unsafe extern "C" fn shmprom_gw_end(gw: *mut shmprom_gw) {
 const MAX_ATTEMPTS: usize = 64;
 /// Attempts converted on the stack; more take the heap.
 const STACK_ATTEMPTS: usize = 4;
-
-/// Bytes at (p, len); empty when len is 0, None when p is NULL otherwise.
-///
-/// # Safety
-/// A non-NULL `p` points at `len` readable bytes.
-unsafe fn bytes<'a>(p: *const c_char, len: usize) -> Option<&'a [u8]> {
-    if len == 0 {
-        Some(&[])
-    } else if p.is_null() {
-        None
-    } else {
-        // SAFETY: per the contract.
-        Some(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
-    }
-}
 
 /// Records one request (what `gateway.log()` records in Lua). Requests
 /// with a NULL method or node are not recorded.

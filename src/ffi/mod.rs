@@ -147,13 +147,22 @@ unsafe fn nth<'a>(ptrs: *const *const c_char, lens: *const usize, i: usize) -> O
     }
     // SAFETY: i < the entries both hold, per the contract.
     let (p, l) = unsafe { (*ptrs.add(i), *lens.add(i)) };
-    if l == 0 {
-        Some(&[][..])
+    // SAFETY: p points at l readable bytes unless l is 0, per the contract.
+    unsafe { bytes(p, l) }
+}
+
+/// Bytes at (p, len); empty when len is 0, None when p is NULL otherwise.
+///
+/// # Safety
+/// A non-NULL `p` points at `len` readable bytes.
+unsafe fn bytes<'a>(p: *const c_char, len: usize) -> Option<&'a [u8]> {
+    if len == 0 {
+        Some(&[])
     } else if p.is_null() {
         None
     } else {
-        // SAFETY: p points at l readable bytes per the contract.
-        Some(unsafe { std::slice::from_raw_parts(p as *const u8, l) })
+        // SAFETY: per the contract.
+        Some(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
     }
 }
 
