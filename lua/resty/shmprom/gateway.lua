@@ -285,6 +285,16 @@ local function series1(cache, fam, a)
     return s
 end
 
+-- adds v (when it is a number) to the series of label value a
+local function inc1(cache, fam, a, v)
+    if v then
+        local s = series1(cache, fam, a)
+        if s then
+            s:inc(v)
+        end
+    end
+end
+
 -- the end of the list entry starting at pos: returns the last index of the
 -- entry, the index where the next entry starts (nil at the end), and whether
 -- the next entry is in the same group (", ") or after " : "
@@ -480,16 +490,10 @@ function _M.init(opts)
             s:inc(1)
         end
         if status == "-" or byte(status, 1) == 53 then -- "5xx"
-            s = series1(c_failures, f_failures, node)
-            if s then
-                s:inc(1)
-            end
+            inc1(c_failures, f_failures, node, 1)
         end
         if retried then
-            s = series1(c_retries, f_retries, node)
-            if s then
-                s:inc(1)
-            end
+            inc1(c_retries, f_retries, node, 1)
         end
     end
 
@@ -607,20 +611,8 @@ function _M.init(opts)
             if sr then
                 sr:inc(1)
             end
-            local n = tonumber(sub(s, e1 + 1, e2 - 1))
-            if n then
-                sr = series1(c_received, f_received, op)
-                if sr then
-                    sr:inc(n)
-                end
-            end
-            n = tonumber(sub(s, e2 + 1, e3 - 1))
-            if n then
-                sr = series1(c_sent, f_sent, op)
-                if sr then
-                    sr:inc(n)
-                end
-            end
+            inc1(c_received, f_received, op, tonumber(sub(s, e1 + 1, e2 - 1)))
+            inc1(c_sent, f_sent, op, tonumber(sub(s, e2 + 1, e3 - 1)))
 
             if op == "write" then
                 if status >= 200 and status < 300 then
