@@ -40,13 +40,57 @@ pub fn f64_get(cell: &AtomicU64) -> f64 {
 /// one, or the plane of an owner that has died (adopted with its values:
 /// counters are cumulative; its live-gauge shares are zeroed first).
 /// Returns 0 when every plane is held by a live process: the caller then
-/// writes the shared plane atomically. The protocol is
-/// [`crate::planes::claim`].
+/// writes the shared plane atomically (and may hold a spare, see
+/// [`claim_spare`]). A process that held a spare until now gets its
+/// livesum shares moved from the spare's cells to its plane, and the spare
+/// is given back. The protocol is [`crate::planes::claim`].
 pub fn claim_plane(z: &Zone, pid: u32) -> u32 {
     let start = proc_start_time(pid).unwrap_or(0);
-    planes::claim(z.planes(), pid, start, &Procs, |i| {
+    let p = planes::claim(z.planes(), pid, start, &Procs, |i| {
         zero_live_shares(z, i as u32)
+    });
+    if p > 0 {
+        for (i, r) in z.spares().iter().enumerate() {
+            if planes::holds(r, pid, start) {
+                let spare = i as u32 + 1;
+                for_each_livesum(z, |cell| {
+                    let c = z.cell(0, cell + spare as u64);
+                    let v = f64_get(c);
+                    if v != 0.0 {
+                        // only the spare's owner (this process) writes it
+                        f64_add(z.cell(p, cell), v);
+                        f64_set(c, 0.0);
+                    }
+                });
+                planes::release(r, pid, start);
+            }
+        }
+    }
+    p
+}
+
+/// Claims a spare owner record for process `pid`, which holds no plane:
+/// spare `s` (1-based) owns cell `s` past each livesum series' cell on the
+/// shared plane, written there atomically, counted while `pid` runs. Its
+/// own again if it has one, a free one, or a dead owner's (whose shares are
+/// zeroed first). Returns 0 when every spare is held: the caller then keeps
+/// its livesum share on the series' shared cell itself.
+pub fn claim_spare(z: &Zone, pid: u32) -> u32 {
+    let start = proc_start_time(pid).unwrap_or(0);
+    planes::claim_from(z.spares(), 0, pid, start, &Procs, |i| {
+        let spare = i as u64 + 1;
+        for_each_livesum(z, |cell| f64_set(z.cell(0, cell + spare), 0.0));
     })
+    .map_or(0, |i| i as u32 + 1)
+}
+
+/// Whether process `pid` holds spare `spare` (1-based) now: a plane claim
+/// by the same process (through another caller in it) gives it back.
+pub fn spare_held(z: &Zone, spare: u32, pid: u32) -> bool {
+    spare >= 1
+        && (spare as usize) <= z.spares().len()
+        && pid != 0
+        && z.spares()[spare as usize - 1].pid.load(Ordering::Acquire) == pid
 }
 
 /// Plane owners as the operating system sees them.
@@ -79,48 +123,83 @@ impl OwnerRec for PlaneRec {
     }
 }
 
-/// Zeroes plane `plane`'s cells of every livesum gauge series: the dead
-/// owner's share of "live" values must not come back with the adopter.
-fn zero_live_shares(z: &Zone, plane: u32) {
+/// Calls `f(cell)` with the first cell of every livesum gauge series.
+fn for_each_livesum(z: &Zone, mut f: impl FnMut(u64)) {
     let t = z.table();
     let fams = crate::registry::live_families(z);
     for i in 0..t.slots.len() {
         let Some(s) = t.get(i) else { continue };
-        if let Some(f) = fams.iter().find(|f| f.id == s.family) {
-            if f.kind == Kind::Gauge && f.mode == MODE_LIVESUM {
-                f64_set(z.cell(plane, s.cell as u64), 0.0);
+        if let Some(fam) = fams.iter().find(|x| x.id == s.family) {
+            if fam.kind == Kind::Gauge && fam.mode == MODE_LIVESUM {
+                f(s.cell as u64);
             }
         }
     }
 }
 
-/// Which planes count for livesum gauges at this moment (plane 0 always).
-pub fn live_planes(z: &Zone) -> Vec<bool> {
-    z.planes()
-        .iter()
-        .enumerate()
-        .map(|(i, p)| i == 0 || planes::counts(p, &Procs))
-        .collect()
+/// Zeroes plane `plane`'s cells of every livesum gauge series: the dead
+/// owner's share of "live" values must not come back with the adopter.
+fn zero_live_shares(z: &Zone, plane: u32) {
+    for_each_livesum(z, |cell| f64_set(z.cell(plane, cell), 0.0));
+}
+
+/// Which planes and spares count for livesum gauges at one moment.
+pub struct Live {
+    /// Per plane (plane 0 always).
+    pub planes: Vec<bool>,
+    /// Per spare owner record (spare `s` at index `s - 1`).
+    pub spares: Vec<bool>,
+}
+
+/// Which planes and spares count for livesum gauges at this moment.
+pub fn live_planes(z: &Zone) -> Live {
+    Live {
+        planes: z
+            .planes()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| i == 0 || planes::counts(p, &Procs))
+            .collect(),
+        spares: z
+            .spares()
+            .iter()
+            .map(|p| planes::counts(p, &Procs))
+            .collect(),
+    }
 }
 
 /// Planes held by a live process (plane 0 not counted).
 pub fn planes_in_use(z: &Zone) -> u64 {
-    live_planes(z).iter().skip(1).filter(|a| **a).count() as u64
+    live_planes(z).planes.iter().skip(1).filter(|a| **a).count() as u64
 }
 
-/// Sums cell `idx + k` over the planes that count for family `f`.
+/// Spares held by a live process.
+pub fn spares_in_use(live: &Live) -> u64 {
+    live.spares.iter().filter(|a| **a).count() as u64
+}
+
+/// Sums cell `idx` over the planes that count for family `f` (for a
+/// livesum gauge, `idx` is the series' first cell: the spares' shares
+/// follow it on the shared plane).
 #[inline]
-pub fn sum_cell(z: &Zone, f: &Family<'_>, live: &[bool], idx: u64) -> f64 {
+pub fn sum_cell(z: &Zone, f: &Family<'_>, live: &Live, idx: u64) -> f64 {
     let livesum = f.kind == Kind::Gauge && f.mode == MODE_LIVESUM;
     if f.kind == Kind::Gauge && !livesum {
         return f64_get(z.cell(0, idx));
     }
     let mut s = 0.0;
-    for (p, alive) in live.iter().enumerate() {
+    for (p, alive) in live.planes.iter().enumerate() {
         if livesum && !alive {
             continue;
         }
         s += f64_get(z.cell(p as u32, idx));
+    }
+    if livesum {
+        for (i, alive) in live.spares.iter().enumerate() {
+            if *alive {
+                s += f64_get(z.cell(0, idx + 1 + i as u64));
+            }
+        }
     }
     s
 }

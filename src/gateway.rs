@@ -11,7 +11,7 @@
 //! worker as cell indices, dropped when the zone's epoch moves (series
 //! deleted or families retired), exactly as the Lua wrapper's caches are.
 
-use crate::cells::{claim_plane, f64_add};
+use crate::cells::{claim_plane, claim_spare, f64_add, spare_held};
 use crate::registry::{self, Kind, MODE_LIVESUM};
 use crate::zone::Zone;
 use std::collections::HashMap;
@@ -194,8 +194,11 @@ pub struct Gateway {
     plane: u32,
     /// When to try claiming a plane again (seconds of the zone clock).
     next_claim: u32,
+    /// The spare owner record this process holds while it has no plane
+    /// (0: none): its in-flight share goes to the spare's cell.
+    spare: u32,
     /// This process's net in-flight count kept on the shared plane while it
-    /// had no plane of its own (moved to its plane once it has one).
+    /// had neither a plane nor a spare (moved to its plane once it has one).
     live_shared: f64,
     in_flight: u32,
     requests: HashMap<u32, u32, Fx>,
@@ -249,6 +252,7 @@ impl Gateway {
             epoch,
             plane: 0,
             next_claim: 0,
+            spare: 0,
             live_shared: 0.0,
             in_flight: NONE,
             requests: HashMap::default(),
@@ -289,6 +293,11 @@ impl Gateway {
                 self.plane = claim_plane(&self.zone, pid);
                 if self.plane > 0 {
                     self.own = self.zone.cell_ptr(self.plane, 0);
+                    // the claim moved the spare's shares to the plane and
+                    // gave the spare back
+                    self.spare = 0;
+                } else if self.spare == 0 {
+                    self.spare = claim_spare(&self.zone, pid);
                 }
                 if self.plane > 0 && self.live_shared != 0.0 {
                     if let Some(idx) = self.in_flight_idx() {
@@ -352,10 +361,31 @@ impl Gateway {
         };
         if !self.own.is_null() {
             self.add_own(idx, v);
-        } else {
-            self.live_shared += v;
-            f64_add(self.zone.cell(0, idx), v);
+            return;
         }
+        if self.spare > 0 {
+            // SAFETY: getpid has no preconditions.
+            let pid = unsafe { libc::getpid() } as u32;
+            if spare_held(&self.zone, self.spare, pid) {
+                f64_add(self.zone.cell(0, idx + self.spare as u64), v);
+                return;
+            }
+            // the Lua wrapper in this process claimed the plane since,
+            // which gave the spare back: claim now (the same plane)
+            self.spare = 0;
+            self.next_claim = 0;
+            self.refresh();
+            if !self.own.is_null() {
+                self.add_own(idx, v);
+                return;
+            }
+            if self.spare > 0 {
+                f64_add(self.zone.cell(0, idx + self.spare as u64), v);
+                return;
+            }
+        }
+        self.live_shared += v;
+        f64_add(self.zone.cell(0, idx), v);
     }
 
     /// The cached series of (family slot `k` of `by_op`, op).

@@ -58,27 +58,41 @@ pub fn claim<R: OwnerRec, L: Liveness>(
     me: u32,
     start: u64,
     life: &L,
-    mut on_adopt: impl FnMut(usize),
+    on_adopt: impl FnMut(usize),
 ) -> u32 {
+    claim_from(planes, 1, me, start, life, on_adopt).map_or(0, |i| i as u32)
+}
+
+/// [`claim`] over the records from index `first` on: the index of the
+/// record claimed, or None. The zone's spare owner records (which have no
+/// shared record 0) are claimed with `first` = 0.
+pub fn claim_from<R: OwnerRec, L: Liveness>(
+    planes: &[R],
+    first: usize,
+    me: u32,
+    start: u64,
+    life: &L,
+    mut on_adopt: impl FnMut(usize),
+) -> Option<usize> {
     if me == 0 || me & CLAIMING != 0 {
-        return 0;
+        return None;
     }
-    for (i, p) in planes.iter().enumerate().skip(1) {
+    for (i, p) in planes.iter().enumerate().skip(first) {
         if p.word().load(Ordering::Acquire) == me && p.start().load(Ordering::Acquire) == start {
-            return i as u32;
+            return Some(i);
         }
     }
-    for (i, p) in planes.iter().enumerate().skip(1) {
+    for (i, p) in planes.iter().enumerate().skip(first) {
         if p.word().load(Ordering::Acquire) == 0
             && p.word()
                 .compare_exchange(0, me | CLAIMING, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
         {
             complete(p, me, start);
-            return i as u32;
+            return Some(i);
         }
     }
-    for (i, p) in planes.iter().enumerate().skip(1) {
+    for (i, p) in planes.iter().enumerate().skip(first) {
         let w = p.word().load(Ordering::Acquire);
         if w != 0
             && !held(p, w, life)
@@ -88,10 +102,34 @@ pub fn claim<R: OwnerRec, L: Liveness>(
         {
             on_adopt(i);
             complete(p, me, start);
-            return i as u32;
+            return Some(i);
         }
     }
-    0
+    None
+}
+
+/// Gives up record `p` held by `me` (started at `start`), whose livesum
+/// shares the caller has already moved elsewhere and zeroed: it is free
+/// again for the next claimer. Returns false (and changes nothing) when
+/// `me` does not hold it.
+pub fn release<R: OwnerRec>(p: &R, me: u32, start: u64) -> bool {
+    if me == 0
+        || p.word().load(Ordering::Acquire) != me
+        || p.start().load(Ordering::Acquire) != start
+    {
+        return false;
+    }
+    // Release: whoever claims the record next (Acquire on the word) sees
+    // the zeroed shares.
+    p.word()
+        .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Whether `me` (started at `start`) holds record `p` with its claim
+/// complete.
+pub fn holds<R: OwnerRec>(p: &R, me: u32, start: u64) -> bool {
+    me != 0 && p.word().load(Ordering::Acquire) == me && p.start().load(Ordering::Acquire) == start
 }
 
 /// Step 2 of a claim: the start time, the count, then the owner word

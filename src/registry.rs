@@ -36,7 +36,8 @@ impl Kind {
 }
 
 /// Gauge mode "set": one shared cell. "livesum": one cell per plane, the
-/// share of a dead worker drops out.
+/// share of a dead worker drops out; its series also carry one cell per
+/// spare owner (see `Zone::spares`) on the shared plane.
 pub const MODE_SET: u32 = 0;
 pub const MODE_LIVESUM: u32 = 1;
 
@@ -184,10 +185,13 @@ impl Def<'_> {
         Ok(())
     }
 
-    /// Cells per series per plane.
-    pub fn width(&self) -> u32 {
+    /// Cells per series per plane, in a zone with `spares` spare owners:
+    /// a histogram's buckets, sum and count; a livesum gauge's own cell and
+    /// one per spare; one for anything else.
+    pub fn width(&self, spares: u32) -> u32 {
         match self.kind {
             Kind::Histogram => self.buckets.len() as u32 + 2,
+            Kind::Gauge if self.mode == MODE_LIVESUM => 1 + spares,
             _ => 1,
         }
     }
@@ -384,7 +388,7 @@ pub fn define(z: &Zone, def: &Def<'_>) -> Result<u32, DefineError> {
             (*p).mode = def.mode;
             (*p).nlabels = def.labels.len() as u32;
             (*p).nbuckets = def.buckets.len() as u32;
-            (*p).width = def.width();
+            (*p).width = def.width(z.nspares());
             (*p).strings_off = strings_off;
             (*p).buckets_off = buckets_off;
             (*p).def_hash = hash;

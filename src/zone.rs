@@ -10,7 +10,7 @@ use std::sync::Mutex;
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
@@ -159,7 +159,9 @@ impl Layout {
             families_off + families_cap * std::mem::size_of::<FamilyRec>() as u64,
             64,
         );
-        let slots_off = align_up(planes_off + planes as u64 * 64, 64);
+        // the plane records, then one spare owner record per worker plane
+        // (see Zone::spares)
+        let slots_off = align_up(planes_off + (2 * planes as u64 - 1) * 64, 64);
         let rest = size - slots_off;
         // Per series budget: 16 B / (15/16) of slot, ~1.25 key blocks of
         // 24 B (short label values fit one; the pool is shared by all
@@ -393,6 +395,24 @@ impl Zone {
     pub fn planes(&self) -> &[PlaneRec] {
         let h = self.header();
         self.region(h.planes_off, h.planes as u64)
+    }
+
+    /// Spare owner records, one per worker plane (`planes - 1`), after the
+    /// plane records. A process that finds every plane held (the new
+    /// workers of a reload, while the old ones drain) writes counters and
+    /// histograms on the shared plane, and holds a spare for its share of
+    /// livesum gauges: spare `s` (1-based) owns cell `s` past a livesum
+    /// series' own cell on the shared plane, so that share drops out with
+    /// its process as a plane's does (see crate::cells).
+    pub fn spares(&self) -> &[PlaneRec] {
+        let h = self.header();
+        let n = h.planes as u64;
+        self.region(h.planes_off + n * 64, n - 1)
+    }
+
+    /// How many spare owner records the zone has.
+    pub fn nspares(&self) -> u32 {
+        self.header().planes - 1
     }
 
     /// Family records.

@@ -410,6 +410,58 @@ subtest 'kill -9 of the workers: counts stay, their live gauge shares are droppe
     is(scalar @unexpected, 0, 'no unexpected error log lines around the kills') or diag join "\n", @unexpected;
 };
 
+# ---------------------------------------------------------------- reload overlap
+# The zone has one plane per worker (the default). Old workers kept alive by
+# held requests hold the planes; the new workers write counters on the shared
+# plane and their in-flight shares through spares; a new worker killed -9 in
+# that window takes its share with it; once the old workers are gone the new
+# ones take the planes, their shares with them.
+sub spares_in_use { metric_value($_[0], 'shmprom_plane_spares', state => 'in_use') // -1 }
+subtest 'reload overlap: new workers without a plane keep livesum shares on spares' => sub {
+    $n->reload(wait_old => 1);
+    my $base = inflight(cur()) // 0;
+    my $req0 = req_total(cur());
+    is(metric_value(cur(), 'shmprom_planes', state => 'total'), $n->workers, 'one plane per worker by default');
+    is(metric_value(cur(), 'shmprom_plane_spares', state => 'total'), $n->workers, 'and as many spares');
+    my ($old_socks, $old_held) = hold_requests();
+    ok(keys(%$old_held) >= 2, 'old workers hold requests: ' . join(', ', map { "$_=$old_held->{$_}" } sort keys %$old_held))
+        or return;
+    my $old_n = @$old_socks;
+    $n->reload;    # the old workers stay, finishing their held requests
+    my @old = $n->old_worker_pids;
+    is(scalar @old, $n->workers, 'old workers still running: ' . join(' ', @old));
+    my $r = $n->load(requests => 2000, concurrency => 4, path => '/x');
+    is($r->{ok}, 2000, '2000 requests through the new workers');
+    ok(wait_until(sub { spares_in_use(cur()) == $n->workers }, timeout => 5),
+       'each new worker holds a spare') or diag 'spares in use: ' . spares_in_use(cur());
+    is(planes_in_use(cur()), $n->workers, 'the old workers still hold the planes');
+    my ($socks, $held) = hold_requests();
+    ok(keys(%$held) >= 2, 'new workers hold requests: ' . join(', ', map { "$_=$held->{$_}" } sort keys %$held))
+        or return;
+    my $left = $old_n + @$socks;
+    gauge_is($base + $left, "$old_n old + " . scalar(@$socks) . ' new held requests in flight');
+    my ($victim) = sort { $held->{$b} <=> $held->{$a} } keys %$held;
+    my @repl = $n->kill_worker($victim, 'KILL');
+    ok(@repl == 1, "new worker $victim (holding $held->{$victim}) killed -9, replaced by @repl");
+    $left -= $held->{$victim};
+    gauge_is($base + $left, "the killed worker's share (on its spare) dropped");
+    ok(wait_until(sub { spares_in_use(cur()) == $n->workers }, timeout => 5),
+       'its replacement took a spare') or diag 'spares in use: ' . spares_in_use(cur());
+    close $_->[0] for @$old_socks;
+    ok($n->wait_old_workers_gone(timeout => 10), 'old workers gone once their requests ended');
+    $left -= $old_n;
+    gauge_is($base + $left, 'old workers\' shares out');
+    ok(wait_until(sub { my $p = cur(); planes_in_use($p) == $n->workers && spares_in_use($p) == 0 }, timeout => 5),
+       'the new workers took the planes and gave the spares back')
+        or diag 'planes in use ' . planes_in_use(cur()) . ', spares in use ' . spares_in_use(cur());
+    gauge_is($base + $left, 'the survivors\' shares moved with them to their planes');
+    close $_->[0] for @$socks;
+    gauge_is($base, 'all released: in flight back to where it was');
+    my $r2 = $n->load(requests => 2000, concurrency => 4, path => '/x');
+    my $p = settle($req0 + $r->{ok} + $r2->{ok});
+    is(req_total($p), $req0 + $r->{ok} + $r2->{ok}, 'every request counted, through the shared plane and the planes');
+};
+
 # ---------------------------------------------------------------- promtool
 subtest 'promtool check metrics' => sub {
     my ($dir) = grep { length && -x "$_/promtool" } split /:/, $ENV{PATH} // '';

@@ -182,8 +182,8 @@ fn header_matches_rust() {
             "{alias} differs"
         );
     }
-    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 4;"));
-    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 4);
+    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 5;"));
+    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 5);
 }
 
 #[test]

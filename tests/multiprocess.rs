@@ -1,12 +1,14 @@
 //! Real processes (fork) updating the same series at once: the sums are
 //! exact, through per-writer planes (plain stores) and through the shared
 //! plane (atomic adds), and a dead writer's plane is adopted with its
-//! counts while its live-gauge share drops out.
+//! counts while its live-gauge share drops out; a writer that finds every
+//! plane held keeps its live-gauge share on a spare, which drops out when
+//! it is killed and moves to its plane when it gets one.
 //!
 //! One #[test] in this file, so the harness runs no other thread while we
 //! fork.
 
-use shmprom::cells::{claim_plane, f64_add, live_planes, sum_cell};
+use shmprom::cells::{claim_plane, claim_spare, f64_add, live_planes, spare_held, sum_cell};
 use shmprom::expose::{render, Format};
 use shmprom::registry::{self, Def, Kind, MODE_LIVESUM};
 use shmprom::zone::Zone;
@@ -176,6 +178,8 @@ fn processes_sum_exactly() {
             "dead writer's live share is not shown"
         );
     }
+
+    spares();
 }
 
 fn pipe() -> (i32, i32) {
@@ -204,4 +208,207 @@ fn wait_bytes(fd: i32, n: usize) {
         assert!(std::time::Instant::now() < deadline, "peers never claimed");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+}
+
+/// A child process driven through pipes: it runs `f` with a command reader
+/// and an answer writer.
+struct Child {
+    pid: i32,
+    cmd: i32,
+    ans: i32,
+}
+
+impl Child {
+    fn spawn(f: impl FnOnce(&mut dyn FnMut() -> u8, &mut dyn FnMut(u8))) -> Child {
+        let (crd, cwr) = pipe();
+        let (ard, awr) = pipe();
+        // SAFETY: the child only runs `f` (this test binary runs one test,
+        // no other thread holds a lock) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        // SAFETY: each side closes the pipe ends it does not use, so a read
+        // sees the end of the pipe when the other side is gone.
+        unsafe {
+            if pid == 0 {
+                libc::close(cwr);
+                libc::close(ard);
+            } else {
+                libc::close(crd);
+                libc::close(awr);
+            }
+        }
+        if pid == 0 {
+            let mut read = || {
+                let mut b = [0u8; 1];
+                // SAFETY: reads one byte into a valid buffer.
+                let n = unsafe { libc::read(crd, b.as_mut_ptr() as *mut _, 1) };
+                if n == 1 {
+                    b[0]
+                } else {
+                    0
+                }
+            };
+            let mut write = |b: u8| {
+                // SAFETY: writes one byte from a valid buffer.
+                unsafe { libc::write(awr, [b].as_ptr() as *const _, 1) };
+            };
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut read, &mut write)));
+            // SAFETY: ends the child without running the parent's atexit.
+            unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) };
+        }
+        Child {
+            pid,
+            cmd: cwr,
+            ans: ard,
+        }
+    }
+    /// Sends a command byte and waits for the answer byte.
+    fn ask(&self, c: u8) -> u8 {
+        // SAFETY: one byte each way on our own pipes.
+        unsafe {
+            assert_eq!(libc::write(self.cmd, [c].as_ptr() as *const _, 1), 1);
+            let mut b = [0u8; 1];
+            assert_eq!(
+                libc::read(self.ans, b.as_mut_ptr() as *mut _, 1),
+                1,
+                "child gone"
+            );
+            b[0]
+        }
+    }
+    /// Waits for the child to end; returns its wait status.
+    fn wait(&self) -> i32 {
+        let mut st = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(self.pid, &mut st, 0) }, self.pid);
+        st
+    }
+}
+
+/// A zone with one worker plane and one spare. A holds the plane; B finds
+/// none, takes the spare and puts its in-flight share there; C finds
+/// neither and is killed; A exits; B takes the plane (its share moves with
+/// it, the spare is free again); D takes the spare and is killed -9.
+fn spares() {
+    let (z, _) = Zone::open("mp-spares", 1 << 20, 2, None).unwrap();
+    assert_eq!(z.nspares(), 1);
+    let c = registry::define(&z, &def("reqs_total", Kind::Counter, 0, vec![], vec![])).unwrap();
+    let g = registry::define(&z, &def("busy", Kind::Gauge, MODE_LIVESUM, vec![], vec![])).unwrap();
+    let cc = registry::series_get(&z, c, &[]).unwrap() as u64;
+    let gc = registry::series_get(&z, g, &[]).unwrap() as u64;
+    let fc = registry::family(&z, c).unwrap();
+    let fg = registry::family(&z, g).unwrap();
+    let total = || sum_cell(&z, &fc, &live_planes(&z), cc);
+    let busy = || sum_cell(&z, &fg, &live_planes(&z), gc);
+    let text = || String::from_utf8(render(&z, Format::Text)).unwrap();
+    // adds `n` requests and `b` in flight the way a worker without a plane
+    // does: counters atomically on the shared plane, its in-flight share on
+    // its spare's cell
+    let add_planeless = |spare: u32, n: f64, b: f64| {
+        f64_add(z.cell(0, cc), n);
+        assert!(spare_held(&z, spare, mypid()));
+        f64_add(z.cell(0, gc + spare as u64), b);
+    };
+
+    let a = Child::spawn(|read, write| {
+        read();
+        let p = claim_plane(&z, mypid());
+        // SAFETY: plane p is ours alone; cells in bounds and aligned.
+        unsafe {
+            *(z.cell_ptr(p, cc) as *mut f64) += 1.0;
+            *(z.cell_ptr(p, gc) as *mut f64) += 1.0;
+        }
+        write(p as u8);
+        read(); // exit
+        write(0);
+    });
+    assert_eq!(a.ask(b'?'), 1, "A holds plane 1");
+    let b = Child::spawn(|read, write| {
+        read();
+        assert_eq!(claim_plane(&z, mypid()), 0, "A holds the only plane");
+        let s = claim_spare(&z, mypid());
+        add_planeless(s, 10.0, 2.0);
+        write(s as u8);
+        read(); // take the plane
+        let p = claim_plane(&z, mypid());
+        assert!(
+            !spare_held(&z, s, mypid()),
+            "the plane's claim gave the spare back"
+        );
+        write(p as u8);
+        read(); // exit
+        write(0);
+    });
+    assert_eq!(b.ask(b'?'), 1, "B holds spare 1");
+    assert_eq!((total(), busy()), (11.0, 3.0), "A's and B's shares");
+    assert!(text().contains("shmprom_plane_spares{state=\"in_use\"} 1\n"));
+    let cpid = Child::spawn(|read, write| {
+        read();
+        assert_eq!(claim_plane(&z, mypid()), 0);
+        assert_eq!(claim_spare(&z, mypid()), 0, "B holds the only spare");
+        write(0);
+        // SAFETY: pause only waits for a signal.
+        unsafe { libc::pause() };
+    });
+    assert_eq!(cpid.ask(b'?'), 0);
+    // SAFETY: kills our own child.
+    unsafe { libc::kill(cpid.pid, libc::SIGKILL) };
+    cpid.wait();
+    // A exits: its in-flight share drops out, its count stays
+    let _ = a.ask(b'x');
+    assert!(libc::WIFEXITED(a.wait()));
+    assert_eq!(
+        (total(), busy()),
+        (11.0, 2.0),
+        "A gone: its share out, its count in"
+    );
+    assert_eq!(b.ask(b'p'), 1, "B adopts A's plane");
+    assert_eq!(
+        (total(), busy()),
+        (11.0, 2.0),
+        "B's share moved to its plane"
+    );
+    assert_eq!(
+        z.cell(0, gc + 1).load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(text().contains("shmprom_plane_spares{state=\"in_use\"} 0\n"));
+    // D takes the free spare, puts 4 in flight, and is killed
+    let d = Child::spawn(|read, write| {
+        read();
+        assert_eq!(claim_plane(&z, mypid()), 0, "B holds the plane");
+        let s = claim_spare(&z, mypid());
+        add_planeless(s, 1.0, 4.0);
+        write(s as u8);
+        // SAFETY: pause only waits for a signal.
+        unsafe { libc::pause() };
+    });
+    assert_eq!(d.ask(b'?'), 1, "D holds the spare B gave back");
+    assert_eq!((total(), busy()), (12.0, 6.0));
+    // SAFETY: kills our own child.
+    unsafe { libc::kill(d.pid, libc::SIGKILL) };
+    d.wait();
+    assert_eq!(
+        (total(), busy()),
+        (12.0, 2.0),
+        "D killed: its share drops out"
+    );
+    // E adopts D's dead spare, which starts from zero
+    let e = Child::spawn(|read, write| {
+        read();
+        let s = claim_spare(&z, mypid());
+        assert_eq!(
+            z.cell(0, gc + s as u64)
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        write(s as u8);
+    });
+    assert_eq!(e.ask(b'?'), 1);
+    assert!(libc::WIFEXITED(e.wait()));
+    let _ = b.ask(b'x');
+    assert!(libc::WIFEXITED(b.wait()));
+    assert_eq!((total(), busy()), (12.0, 0.0));
+    assert!(shmprom::check::check(&z).is_ok());
 }

@@ -657,7 +657,7 @@ fn define(z: &Zone, inp: &mut Input<'_>, fams: &mut Vec<FamM>) {
         labels: labels.clone(),
         buckets: buckets.clone(),
         help: help.clone(),
-        width: def.width(),
+        width: def.width(z.nspares()),
         series: BTreeMap::new(),
     };
     // a name the output would write twice is refused by define

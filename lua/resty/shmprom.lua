@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 4,
+    ABI = 5,
 }
 
 local FFI_OK = 0
@@ -200,6 +200,9 @@ local function try_claim(z)
     if p and p > 0 then
         z.plane = p
         z.off = p * z.stride
+        -- the library moved the spare's shares to the plane and gave the
+        -- spare back
+        z.spare = 0
         -- Move what this worker put on the shared plane for livesum gauges
         -- to its own plane, so it drops out with this worker.
         local cells, off = z.cells, z.off
@@ -208,6 +211,13 @@ local function try_claim(z)
             cells[off + idx] = cells[off + idx] + net
         end
         z.live_shared = {}
+    elseif z.spare == 0 then
+        -- no plane (the old workers of a reload hold them): a spare owner
+        -- record keeps this worker's livesum shares apart until it has one
+        local sp = tonumber(C.shmprom_spare_claim(z.ptr, pid))
+        if sp and sp > 0 then
+            z.spare = sp
+        end
     end
 end
 
@@ -228,13 +238,14 @@ function _M.new(opts)
         error("shmprom.new: 'size' must be a number of bytes or a string "
               .. "such as \"32m\", got " .. tostring(opts.size), 2)
     end
-    -- One plane per worker, twice over: during a reload the old workers
-    -- keep theirs while the new ones start. With fewer (planes = workers
-    -- saves 8 bytes per plane per series), new workers write the shared
-    -- plane until the old ones exit, and the livesum share of a worker
-    -- killed in that window cannot be told apart.
+    -- One plane per worker (8 bytes per plane per series). During a
+    -- reload the new workers find the planes held by the old ones: until
+    -- those exit they write counters and histograms on the shared plane
+    -- (atomically) and their livesum gauge shares through a spare owner
+    -- record (one per plane, a cell per livesum series), so that the
+    -- share of a worker killed in that window still drops out.
     local workers = ngx and ngx.worker.count() or 1
-    local planes = opts.planes or (2 * workers)
+    local planes = opts.planes or workers
     if type(planes) ~= "number" or planes < 0 or planes ~= floor(planes) then
         error("shmprom.new: 'planes' must be a whole number", 2)
     end
@@ -318,6 +329,7 @@ function _M.new(opts)
         planes = info.planes,
         plane = 0,
         off = 0,
+        spare = 0,
         claim_pid = nil,
         claim_at = 0,
         list = {},
@@ -765,10 +777,42 @@ local function observe(f, idx, v)
     end
 end
 
--- A livesum gauge written by a worker without a plane of its own: its net
--- share on the shared plane is remembered, to move to its plane later.
-local function live_shared_add(z, idx, v)
+-- A livesum gauge written by a worker without a plane of its own (`set`:
+-- v is the worker's whole share, else an increment). With a spare owner
+-- record its share goes to the spare's cell of the series on the shared
+-- plane, which drops out with this worker as a plane's does; without one,
+-- its net share on the series' shared cell is remembered, to move to its
+-- plane later.
+local function live_shared_add(z, idx, v, set)
     local sh = z.live_shared
+    local sp = z.spare
+    if sp > 0 then
+        if C.shmprom_spare_held(z.ptr, sp, current_pid()) == 1 then
+            if set then
+                C.shmprom_cell_set(z.ptr, 0, idx + sp, v - (sh[idx] or 0))
+            else
+                C.shmprom_cell_add(z.ptr, 0, idx + sp, v)
+            end
+            return
+        end
+        -- another caller in this worker (the gateway module's recorder)
+        -- claimed the plane since, which gave the spare back
+        z.spare = 0
+        z.claim_at = 0
+        try_claim(z)
+        local off = z.off
+        if off > 0 then
+            local c = z.cells
+            c[off + idx] = set and v or c[off + idx] + v
+            return
+        end
+        if z.spare > 0 then
+            return live_shared_add(z, idx, v, set)
+        end
+    end
+    if set then
+        v = v - (sh[idx] or 0)
+    end
     sh[idx] = (sh[idx] or 0) + v
     C.shmprom_cell_add(z.ptr, 0, idx, v)
 end
@@ -780,7 +824,7 @@ local function gauge_set(f, idx, v)
     elseif z.off > 0 then
         z.cells[z.off + idx] = v
     else
-        live_shared_add(z, idx, v - (z.live_shared[idx] or 0))
+        live_shared_add(z, idx, v, true)
     end
 end
 

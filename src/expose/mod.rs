@@ -7,7 +7,7 @@
 mod fmt;
 pub mod shared;
 
-use crate::cells::{live_planes, planes_in_use, sum_cell};
+use crate::cells::{live_planes, spares_in_use, sum_cell, Live};
 use crate::registry::{live_families, Family, Kind};
 use crate::zone::{Zone, ERROR_KINDS};
 use fmt::{escape_help, escape_label_value, write_f64};
@@ -100,7 +100,7 @@ pub fn render(z: &Zone, fmt: Format) -> Vec<u8> {
     for f in &fams[..split] {
         render_family(&mut out, z, f, &members[f.id as usize], &live);
     }
-    render_self(&mut out, z, &fams);
+    render_self(&mut out, z, &fams, &live);
     for f in &fams[split..] {
         render_family(&mut out, z, f, &members[f.id as usize], &live);
     }
@@ -128,7 +128,7 @@ fn label_prefix(buf: &mut Vec<u8>, f: &Family<'_>, key: &[u8]) {
     }
 }
 
-fn render_family(out: &mut Out<'_>, z: &Zone, f: &Family<'_>, slots: &[u32], live: &[bool]) {
+fn render_family(out: &mut Out<'_>, z: &Zone, f: &Family<'_>, slots: &[u32], live: &Live) {
     out.header(f.name, f.help, f.kind);
     let t = z.table();
     let mut lp = Vec::with_capacity(128);
@@ -217,7 +217,7 @@ fn self_line(out: &mut Out<'_>, name: &str, kind: Kind, label: Option<(&str, &[u
     out.buf.push(b'\n');
 }
 
-fn render_self(out: &mut Out<'_>, z: &Zone, fams: &[Family<'_>]) {
+fn render_self(out: &mut Out<'_>, z: &Zone, fams: &[Family<'_>], live: &Live) {
     let h = z.header();
     let c = Kind::Counter;
     let g = Kind::Gauge;
@@ -236,8 +236,29 @@ fn render_self(out: &mut Out<'_>, z: &Zone, fams: &[Family<'_>]) {
             v,
         );
     }
+    out.header(
+        "shmprom_plane_spares",
+        b"Spare owner records: the livesum gauge shares of workers that hold no plane",
+        g,
+    );
+    let spares = spares_in_use(live) as f64;
+    self_line(
+        out,
+        "shmprom_plane_spares",
+        g,
+        Some(("state", b"in_use")),
+        spares,
+    );
+    let total = z.nspares() as f64;
+    self_line(
+        out,
+        "shmprom_plane_spares",
+        g,
+        Some(("state", b"total")),
+        total,
+    );
     out.header("shmprom_planes", b"Per-writer planes of the zone", g);
-    let in_use = planes_in_use(z) as f64;
+    let in_use = live.planes.iter().skip(1).filter(|a| **a).count() as f64;
     self_line(out, "shmprom_planes", g, Some(("state", b"in_use")), in_use);
     let total = (h.planes - 1) as f64;
     self_line(out, "shmprom_planes", g, Some(("state", b"total")), total);

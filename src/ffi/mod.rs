@@ -3,7 +3,7 @@
 //! function here is declared in include/shmprom.h (a test checks both
 //! agree).
 
-use crate::cells::{claim_plane, f64_add, f64_set, sum_cell};
+use crate::cells::{claim_plane, claim_spare, f64_add, f64_set, spare_held, sum_cell};
 use crate::expose::{render, shared, Format};
 use crate::registry::{self, Def, DefineError, Kind, SeriesError};
 use crate::series::TableError;
@@ -16,7 +16,7 @@ pub use gateway::*;
 
 /// Bumped whenever a function, a signature or a struct of the C ABI
 /// changes (4: shmprom_zone_prefault).
-pub const SHMPROM_ABI_VERSION: u32 = 4;
+pub const SHMPROM_ABI_VERSION: u32 = 5;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;
@@ -289,6 +289,38 @@ pub unsafe extern "C" fn shmprom_plane_claim(z: *mut shmprom_zone, pid: u32) -> 
     })
 }
 
+/// Claims a spare owner record for process `pid`, which holds no plane
+/// (see cells::claim_spare): spare `s` owns cell `s` past each livesum
+/// gauge series' cell on the shared plane. Returns the spare (>= 1), 0 when
+/// none is free, or a negative error code.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_spare_claim(z: *mut shmprom_zone, pid: u32) -> c_int {
+    if z.is_null() {
+        return SHMPROM_EINVAL;
+    }
+    guard!(std::ptr::null_mut(), 0, SHMPROM_EPANIC, {
+        claim_spare(&zone(z), pid) as c_int
+    })
+}
+
+/// 1 when process `pid` holds spare `spare` (1-based), else 0: a plane
+/// claimed since (by any caller in the process) gave the spare back.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_spare_held(z: *const shmprom_zone, spare: u32, pid: u32) -> c_int {
+    if z.is_null() {
+        return 0;
+    }
+    guard!(std::ptr::null_mut(), 0, 0, {
+        spare_held(&zone(z), spare, pid) as c_int
+    })
+}
+
 fn define_err(e: DefineError, err: *mut c_char, errlen: usize) -> i64 {
     match e {
         DefineError::Invalid(m) => {
@@ -553,7 +585,11 @@ pub unsafe extern "C" fn shmprom_cell_get(
         let Some(f) = registry::family(&zn, family) else {
             return f64::NAN;
         };
-        if k >= f.width || !cell_ok(&zn, 0, cell + k as u64) {
+        // a livesum gauge's further cells are the spares' shares, summed
+        // into its value
+        let livesum = f.kind == registry::Kind::Gauge && f.mode == registry::MODE_LIVESUM;
+        let width = if livesum { 1 } else { f.width };
+        if k >= width || !cell_ok(&zn, 0, cell + k as u64) {
             return f64::NAN;
         }
         let live = crate::cells::live_planes(&zn);

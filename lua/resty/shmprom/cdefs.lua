@@ -23,6 +23,8 @@ int shmprom_zone_open(const char *name, size_t name_len, uint64_t size,
                       char *err, size_t errlen);
 int shmprom_zone_get_info(const shmprom_zone *z, shmprom_zone_info *out);
 int shmprom_plane_claim(shmprom_zone *z, uint32_t pid);
+int shmprom_spare_claim(shmprom_zone *z, uint32_t pid);
+int shmprom_spare_held(const shmprom_zone *z, uint32_t spare, uint32_t pid);
 int64_t shmprom_family_define(shmprom_zone *z, const char *name,
                               size_t name_len, const char *help,
                               size_t help_len, uint32_t kind, uint32_t mode,
