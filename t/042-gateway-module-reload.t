@@ -8,6 +8,11 @@
 #   2. six requests held in their content phase are 6 in flight; both
 #      workers killed with SIGKILL: in flight drops to 0 (livesum: a dead
 #      worker's share goes with it), nothing else moves;
+#   2b. a reload while old workers hold requests: the new workers find the
+#      planes held and record in flight through spares; one killed -9 takes
+#      its share with it; once the old workers exit the new ones take the
+#      planes and their shares move along; in flight back to 0, every
+#      request counted;
 #   3. gateway.log() in a location the module records does nothing (no
 #      request counted twice) and says so once per worker;
 #   4. a reload to a configuration that turns the module on without the
@@ -51,6 +56,15 @@ my $n = ShmpromTest->new(
         }
         location = /hold {
             content_by_lua_block { ngx.sleep(30) ngx.say("late") }
+        }
+        location = /holdpid {
+            lua_check_client_abort on;
+            content_by_lua_block {
+                ngx.on_abort(function() ngx.exit(499) end)
+                ngx.say(ngx.worker.pid())
+                ngx.flush(true)
+                ngx.sleep(30)
+            }
         }
         location = /lua {
             log_by_lua_block { gateway.log() }
@@ -139,6 +153,79 @@ ok(wait_until(sub { $q = scrape(); $q && reads($q) - $reads0 == 1000 && (in_flig
               timeout => 10), 'the new workers count exactly (1000) and none is left in flight');
 @bad = $n->error_lines(since => $mark, ignore => qr/exited on signal 9/);
 is(scalar @bad, 0, 'no error lines but the kills') or diag join "\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)];
+
+# ------------------------------------------------------------ 2b. reload overlap
+
+# hold_pids(): opens /holdpid requests until every current worker holds at
+# least 2; returns ([ [socket, pid], ... ], { pid => count })
+sub hold_pids {
+    my (@socks, %held);
+    my %w = map { $_ => 1 } $n->worker_pids;
+    for (1 .. 60) {
+        last if !grep { ($held{$_} // 0) < 2 } keys %w;
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $n->port, Proto => 'tcp', Timeout => 5)
+            or last;
+        print {$s} "GET /holdpid HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        my $buf = '';
+        my $deadline = time + 5;
+        while ($buf !~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ && time < $deadline) {
+            my $rin = ''; vec($rin, fileno($s), 1) = 1;
+            select(my $rout = $rin, undef, undef, 0.5) or next;
+            sysread($s, $buf, 4096, length $buf) or last;
+        }
+        my ($pid) = $buf =~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ or next;
+        push @socks, [ $s, $pid ];
+        $held{$pid}++;
+    }
+    return (\@socks, \%held);
+}
+sub spares { my ($p, $state) = @_; return metric_value($p, 'shmprom_plane_spares', state => $state) // -1 }
+sub planes { my ($p, $state) = @_; return metric_value($p, 'shmprom_planes', state => $state) // -1 }
+
+$mark = $n->log_mark;
+$q = scrape();
+my $reads_o = reads($q);
+is(planes($q, 'total'), 2, 'one plane per worker');
+is(spares($q, 'total'), 2, 'one spare per plane');
+my ($old_socks, $old_held) = hold_pids();
+ok(keys(%$old_held) == 2, 'both workers hold requests: ' . join(', ', map { "$_=$old_held->{$_}" } sort keys %$old_held));
+$n->reload(timeout => 15);    # the old workers stay until their requests end
+is(scalar($n->old_worker_pids), 2, 'old workers still running');
+my $ro = $n->load(requests => 1000, concurrency => 4, path => '/x');
+is($ro->{ok}, 1000, '1000 requests through the new workers');
+ok(wait_until(sub { $q = scrape(); $q && spares($q, 'in_use') == 2 && planes($q, 'in_use') == 2 }, timeout => 10),
+   'the old workers hold the planes, the new ones a spare each')
+    or diag 'planes ' . planes($q, 'in_use') . ', spares ' . spares($q, 'in_use');
+my ($new_socks, $new_held) = hold_pids();
+ok(keys(%$new_held) == 2, 'both new workers hold requests: ' . join(', ', map { "$_=$new_held->{$_}" } sort keys %$new_held));
+my $inf = @$old_socks + @$new_socks;
+ok(wait_until(sub { $q = scrape(); $q && (in_flight($q) // -1) == $inf }, timeout => 10), "$inf in flight, old and new")
+    or diag 'in flight: ' . (in_flight($q) // 'absent');
+my ($victim) = sort { $new_held->{$b} <=> $new_held->{$a} } keys %$new_held;
+my @repl = $n->kill_worker($victim, 'KILL', timeout => 15);
+$inf -= $new_held->{$victim};
+ok(wait_until(sub { $q = scrape(); $q && (in_flight($q) // -1) == $inf }, timeout => 10),
+   "new worker $victim killed -9 (replaced by @repl): its $new_held->{$victim} in flight went with it")
+    or diag 'in flight: ' . (in_flight($q) // 'absent');
+close $_->[0] for @$old_socks;
+ok($n->wait_old_workers_gone(timeout => 15), 'the old workers exit once their requests end');
+$inf -= @$old_socks;
+ok(wait_until(sub { $q = scrape(); $q && planes($q, 'in_use') == 2 && spares($q, 'in_use') == 0
+                    && (in_flight($q) // -1) == $inf }, timeout => 10),
+   "the new workers took the planes, gave the spares back, and keep their $inf in flight")
+    or diag 'planes ' . planes($q, 'in_use') . ', spares ' . spares($q, 'in_use') . ', in flight ' . (in_flight($q) // 'absent');
+close $_->[0] for @$new_socks;
+ok(wait_until(sub { $q = scrape(); $q && (in_flight($q) // -1) == 0 }, timeout => 10), 'all released: none in flight');
+my $ro2 = $n->load(requests => 1000, concurrency => 4, path => '/x');
+# the held requests had answered 200 (their pid) before they were cut: the
+# ones whose worker lived on count as reads too, the killed worker's do not
+my $held_done = @$old_socks + @$new_socks - $new_held->{$victim};
+my $want = $ro->{ok} + $ro2->{ok} + $held_done;
+ok(wait_until(sub { $q = scrape(); $q && reads($q) - $reads_o >= $want }, timeout => 10), 'counted');
+is(reads($q) - $reads_o, $want, "read/200 exact through the overlap (shared plane) and after (planes): "
+   . "$ro->{ok} + $ro2->{ok} + $held_done held");
+@bad = $n->error_lines(since => $mark, ignore => qr/exited on signal 9/);
+is(scalar @bad, 0, 'no error lines but the kill') or diag join "\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)];
 
 # ------------------------------------------------------------ 3. no double count
 
