@@ -388,3 +388,42 @@ fn adoption_race_with_reader() {
         assert_eq!(w.livesum(), 1);
     });
 }
+
+/// A spare given back (`release`) while another worker claims: the owner
+/// zeroes its livesum share (moved to its new plane) and makes its last
+/// plain write, then releases; a claimer that gets the record sees the
+/// share zeroed and its writes ordered after the owner's (loom fails the
+/// model on an unordered access to the cell), and one that does not gets
+/// nothing: never two owners.
+#[test]
+fn release_races_claim() {
+    model(|| {
+        let w = world(2);
+        w.held(1, 1, 5, 3, false);
+        let w2 = w.clone();
+        let th = loom::thread::spawn(move || {
+            let p = w2.claim(2);
+            if p > 0 {
+                assert_eq!(
+                    w2.planes[1].live.load(Ordering::Relaxed),
+                    0,
+                    "the released share shows to the next owner"
+                );
+                w2.bump(p, 1);
+            }
+            p
+        });
+        // the owner (pid 1): share moved away, last write, then release
+        w.planes[1].live.store(0, Ordering::Relaxed);
+        w.bump(1, 10);
+        assert!(release(&w.planes[1], 1, start_of(1)));
+        assert!(!release(&w.planes[1], 1, start_of(1)), "released once");
+        let b = th.join().unwrap();
+        let c = w.counter(1);
+        assert!(
+            (b == 1 && c == 16) || (b == 0 && c == 15),
+            "claim {b}, counter {c}"
+        );
+        assert!(!holds(&w.planes[1], 1, start_of(1)));
+    });
+}
