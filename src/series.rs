@@ -1899,48 +1899,80 @@ mod loom_tests {
         }
     }
 
+    /// The first of `make(0)`, `make(1)`, .. that is not in `not` and
+    /// whose home (family 1) in a table of `n` slots is `home`.
+    fn key_homed(n: usize, home: usize, not: &[Vec<u8>], make: impl Fn(u32) -> Vec<u8>) -> Vec<u8> {
+        (0u32..)
+            .map(make)
+            .find(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home && !not.contains(k))
+            .unwrap()
+    }
+
     /// A key pool of three blocks, all held by three dead one-block
-    /// series. One insert needs two blocks: it takes a dead slot, finds
-    /// the pool empty, and `clean` must give another dead slot's block
-    /// back, while a second insert (one block) takes a dead slot at the
-    /// same time. Both succeed, and no block ends up in two places.
+    /// series. One insert needs two blocks: it finds the pool empty, and
+    /// `clean` must give a dead slot's block back, while a second insert
+    /// (one block) goes in at the same time. Both succeed, and no block
+    /// ends up in two places.
+    ///
+    /// In 8 slots both inserts take an EMPTY slot and both may clean (the
+    /// homes the keys of this test had when a home was the hash's low
+    /// bits). In 7, with chains wrapping from the last slot to the first,
+    /// both take a dead slot: the two-block insert, a block short, leaves
+    /// its slot dead again and cleans while the other reuses its slot.
     #[test]
     fn clean_feeds_pool_under_race() {
-        crate::sync::loom_model(Some(2), || {
-            let m = mem_with(8, 3 * BLOCK);
-            with_table(&m, |t| {
-                for k in 0..3u32 {
-                    let key = [b'd', k as u8];
-                    t.get_or_insert(1, &key, 1, 0).unwrap();
-                    let i = t.find(1, &key).unwrap().unwrap();
-                    assert!(t.kill(i, 1));
-                }
+        // (slots, homes of the dead keys, of the two-block key, of the other)
+        for (n, dead, long_home, short_home) in [(8, [5, 1, 2], 7, 4), (7, [6, 6, 1], 6, 0)] {
+            let mut keys = vec![];
+            for h in dead {
+                let k = key_homed(n, h, &keys, |k| format!("d{k}").into_bytes());
+                keys.push(k);
+            }
+            let long = key_homed(n, long_home, &[], |k| {
+                let mut v = vec![b'a'; FIRST_KEY + 1];
+                v[FIRST_KEY - 3..].copy_from_slice(&k.to_le_bytes());
+                v
             });
-            let long = [b'a'; FIRST_KEY + 1];
-            let m2 = m.clone();
-            let th = loom::thread::spawn(move || {
-                with_table(&m2, |t| t.get_or_insert(1, b"s", 1, 100).map(|r| r.0))
+            let short = key_homed(n, short_home, &keys, |k| format!("s{k}").into_bytes());
+            crate::sync::loom_model(Some(2), move || {
+                clean_feeds_pool_in(n, &keys, long.clone(), short.clone())
             });
-            let a = with_table(&m, |t| t.get_or_insert(1, &long, 1, 100).map(|r| r.0));
-            let b = th.join().unwrap();
-            let (a, b) = (a.expect("two-block insert"), b.expect("one-block insert"));
-            assert_ne!(a, b);
-            with_table(&m, |t| {
-                let mut held = std::collections::HashSet::new();
-                for k in [&long[..], b"s"] {
-                    let i = t.find(1, k).unwrap().expect("inserted key found");
-                    let s = t.get(i).unwrap();
-                    let mut got = Vec::new();
-                    assert!(t.read_key(&s, &mut got));
-                    assert_eq!(got, k);
-                    for blk in t.record_blocks(&s) {
-                        assert!(held.insert(blk), "block {blk} in two records");
-                    }
+        }
+    }
+
+    fn clean_feeds_pool_in(n: usize, dead: &[Vec<u8>], long: Vec<u8>, short: Vec<u8>) {
+        let m = mem_with(n, 3 * BLOCK);
+        with_table(&m, |t| {
+            for key in dead {
+                t.get_or_insert(1, key, 1, 0).unwrap();
+                let i = t.find(1, key).unwrap().unwrap();
+                assert!(t.kill(i, 1));
+            }
+        });
+        let m2 = m.clone();
+        let s2 = short.clone();
+        let th = loom::thread::spawn(move || {
+            with_table(&m2, |t| t.get_or_insert(1, &s2, 1, 100).map(|r| r.0))
+        });
+        let a = with_table(&m, |t| t.get_or_insert(1, &long, 1, 100).map(|r| r.0));
+        let b = th.join().unwrap();
+        let (a, b) = (a.expect("two-block insert"), b.expect("one-block insert"));
+        assert_ne!(a, b);
+        with_table(&m, |t| {
+            let mut held = std::collections::HashSet::new();
+            for k in [&long, &short] {
+                let i = t.find(1, k).unwrap().expect("inserted key found");
+                let s = t.get(i).unwrap();
+                let mut got = Vec::new();
+                assert!(t.read_key(&s, &mut got));
+                assert_eq!(&got, k);
+                for blk in t.record_blocks(&s) {
+                    assert!(held.insert(blk), "block {blk} in two records");
                 }
-                for blk in t.free_blocks().unwrap() {
-                    assert!(held.insert(blk), "block {blk} free and held");
-                }
-            });
+            }
+            for blk in t.free_blocks().unwrap() {
+                assert!(held.insert(blk), "block {blk} free and held");
+            }
         });
     }
 }
