@@ -10,7 +10,7 @@ use std::sync::Mutex;
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
