@@ -260,9 +260,38 @@ struct Rec {
     width: u32,
 }
 
+/// The home slot of a 61-bit hash in a table of `n` slots: the hash
+/// scaled to 0..n (multiply, then keep the high bits), so any `n` works,
+/// power of two or not, and the home comes from the hash's high bits.
+/// Uniform: each slot is the home of floor or ceil of 2^61 / n hashes.
+fn home_slot(h: u64, n: usize) -> usize {
+    debug_assert!(h <= HASH_MASK);
+    ((h as u128 * n as u128) >> STATE_SHIFT) as usize
+}
+
 impl<'a> Table<'a> {
-    fn mask(&self) -> usize {
-        self.slots.len() - 1
+    /// The home slot of hash `h` (already masked with HASH_MASK).
+    fn home(&self, h: u64) -> usize {
+        home_slot(h, self.slots.len())
+    }
+
+    /// The slot probed after slot `i`: the next one, wrapping at the end.
+    fn after(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    /// Probes from slot `from` forward to slot `to`, wrapping at the end:
+    /// (to - from) mod n, in 0..n.
+    fn dist(&self, from: usize, to: usize) -> usize {
+        if to >= from {
+            to - from
+        } else {
+            to + self.slots.len() - from
+        }
     }
 
     /// Most slots that may leave EMPTY: 15/16 of the table. New series
@@ -447,7 +476,6 @@ impl<'a> Table<'a> {
     /// past k after the scan went by sees k CLEANING or EMPTY in its own
     /// re-scan and gives way.
     pub fn clean(&self, now: u32) -> u64 {
-        let mask = self.mask();
         let mut freed = 0;
         for k in 0..self.slots.len() {
             let slot = &self.slots[k];
@@ -465,7 +493,7 @@ impl<'a> Table<'a> {
             }
             fence(Ordering::SeqCst);
             let mut free = true;
-            let mut j = (k + 1) & mask;
+            let mut j = self.after(k);
             for _ in 1..self.slots.len() {
                 let wj = self.slots[j].word.load(Ordering::SeqCst);
                 if wj == EMPTY {
@@ -473,13 +501,14 @@ impl<'a> Table<'a> {
                 }
                 let st = state(wj);
                 if st != DEAD && st != CLEANING {
-                    let home = (wj & HASH_MASK) as usize & mask;
-                    if j.wrapping_sub(home) & mask >= j.wrapping_sub(k) & mask {
+                    // j's chain runs from its home to j: does it pass k?
+                    let home = self.home(wj & HASH_MASK);
+                    if self.dist(home, j) >= self.dist(k, j) {
                         free = false;
                         break;
                     }
                 }
-                j = (j + 1) & mask;
+                j = self.after(j);
             }
             // the slot is ours while CLEANING: its record and cells go
             // back to the pools either way (the grace period is over)
@@ -517,8 +546,7 @@ impl<'a> Table<'a> {
     /// Finds the READY slot for (family, key), if any.
     pub fn find(&self, family: u32, key: &[u8]) -> Result<Option<usize>, TableError> {
         let h = hash_key(family, key) & HASH_MASK;
-        let mask = self.mask();
-        let mut i = h as usize & mask;
+        let mut i = self.home(h);
         for _ in 0..self.slots.len() {
             let slot = &self.slots[i];
             let mut w = self.load_settled(slot)?;
@@ -531,7 +559,7 @@ impl<'a> Table<'a> {
                     return Ok(Some(i));
                 }
             }
-            i = (i + 1) & mask;
+            i = self.after(i);
         }
         Ok(None)
     }
@@ -587,8 +615,7 @@ impl<'a> Table<'a> {
         now: u32,
         h: u64,
     ) -> Result<Option<(u32, bool)>, TableError> {
-        let mask = self.mask();
-        let home = h as usize & mask;
+        let home = self.home(h);
         let mut reuse: Option<(usize, u64)> = None;
         let mut end = None;
         let mut i = home;
@@ -609,7 +636,7 @@ impl<'a> Table<'a> {
                     return Ok(Some((slot.cell_idx(), false)));
                 }
             }
-            i = (i + 1) & mask;
+            i = self.after(i);
         }
         let (target, expect) = match (reuse, end) {
             (Some(r), _) => r,
@@ -649,7 +676,7 @@ impl<'a> Table<'a> {
         // and scan: at least one of two sides sees the other
         fence(Ordering::SeqCst);
         // Look for another copy of this key published meanwhile.
-        let my_pos = target.wrapping_sub(home) & mask;
+        let my_pos = self.dist(home, target);
         let mut j = home;
         let mut passed = false;
         for _ in 0..self.slots.len() {
@@ -671,7 +698,7 @@ impl<'a> Table<'a> {
                     wj = self.settle(sj, wj, false)?;
                     let st = state(wj);
                     if (st == TENTATIVE || st == READY) && self.key_eq(sj, family, key) {
-                        let pos = j.wrapping_sub(home) & mask;
+                        let pos = self.dist(home, j);
                         if st == TENTATIVE && pos > my_pos {
                             // the later copy gives way or wins: wait for it
                             wj = self.settle(sj, wj, true)?;
@@ -686,7 +713,7 @@ impl<'a> Table<'a> {
                     }
                 }
             }
-            j = (j + 1) & mask;
+            j = self.after(j);
         }
         slot.word
             .store((READY << STATE_SHIFT) | h, Ordering::Release);
@@ -1154,6 +1181,16 @@ mod tests {
         }
     }
 
+    /// Slot counts to run a test with: `full` natively, `small` (one that
+    /// is not a power of two) under Miri.
+    fn sizes<'s>(full: &'s [usize], small: &'s [usize]) -> &'s [usize] {
+        if cfg!(miri) {
+            small
+        } else {
+            full
+        }
+    }
+
     fn mem(nslots: usize, key_bytes: usize) -> Mem {
         Mem {
             slots: (0..nslots)
@@ -1203,9 +1240,19 @@ mod tests {
         }
     }
 
+    /// Slot counts the tests run with: powers of two and others (the
+    /// table takes any count).
+    const SIZES: [usize; 4] = [16, 17, 64, 100];
+
     #[test]
     fn insert_find_kill() {
-        let mut m = mem(16, 1024);
+        for n in SIZES {
+            insert_find_kill_in(n);
+        }
+    }
+
+    fn insert_find_kill_in(n: usize) {
+        let mut m = mem(n, 1024);
         let t = table(&mut m, 100);
         let (a, new) = t.get_or_insert(1, b"a", 2, 10).unwrap();
         assert!(new);
@@ -1235,7 +1282,13 @@ mod tests {
 
     #[test]
     fn churn_does_not_fill() {
-        let mut m = mem(64, 1 << 12);
+        for &n in sizes(&[64, 67, 100], &[67]) {
+            churn_does_not_fill_in(n);
+        }
+    }
+
+    fn churn_does_not_fill_in(n: usize) {
+        let mut m = mem(n, 1 << 12);
         let t = table(&mut m, 200);
         let mut now = 100;
         for round in 0..scale(500, 40) {
@@ -1243,7 +1296,7 @@ mod tests {
             for k in &keys {
                 if let Err(e) = t.get_or_insert(3, k, 1, now) {
                     panic!(
-                        "round {round}: {e:?}; slots {} cells {} keys {} census {:?}",
+                        "{n} slots, round {round}: {e:?}; slots {} cells {} keys {} census {:?}",
                         t.slots_used.load(Ordering::Relaxed),
                         t.cells_used.load(Ordering::Relaxed),
                         t.keys.used.load(Ordering::Relaxed),
@@ -1257,24 +1310,30 @@ mod tests {
             }
             now += REUSE_GRACE_SECS;
         }
-        // 10,000 series (800 under Miri) went through a table of 64 slots: every slot got
-        // cells and a key record at most once
-        assert!(t.slots_used.load(Ordering::Relaxed) <= 60);
+        // 10,000 series (800 under Miri) went through a table of n slots:
+        // every slot got cells and a key record at most once
+        assert!(t.slots_used.load(Ordering::Relaxed) <= t.slot_limit());
         let cells = t.cells_used.load(Ordering::Relaxed);
-        assert!(cells <= 64, "cells used {cells}");
+        assert!(cells <= n as u64, "cells used {cells}");
         let keys = t.keys.used.load(Ordering::Relaxed);
-        assert!(keys <= 64 * BLOCK, "key bytes used {keys}");
+        assert!(keys <= n as u64 * BLOCK, "key bytes used {keys}");
         assert_eq!(t.census().0, 0);
     }
 
     #[test]
     fn growing_keys_share_one_pool() {
+        for &n in sizes(&[64, 67], &[67]) {
+            growing_keys_share_one_pool_in(n);
+        }
+    }
+
+    fn growing_keys_share_one_pool_in(n: usize) {
         // 10x the table's capacity of label sets whose keys grow from one
         // block to three and shrink again, in a key pool of 80 blocks (as
         // many as 60 live slots of one block, plus 20): dead slots' blocks
         // come back through the pool, so no insert is refused. Widths
         // change too: cells of a width go back to that width's list.
-        let mut m = mem(64, 80 * BLOCK as usize);
+        let mut m = mem(n, 80 * BLOCK as usize);
         let t = table(&mut m, 300);
         let mut now = 100;
         let rounds = scale(400, 40);
@@ -1291,7 +1350,7 @@ mod tests {
             for k in &keys {
                 if let Err(e) = t.get_or_insert(3, k, width, now) {
                     panic!(
-                        "round {round} (key {len} B, width {width}): {e:?}; keys {} of {} B, \
+                        "{n} slots, round {round} (key {len} B, width {width}): {e:?}; keys {} of {} B, \
                          cells {}, census {:?}",
                         t.keys.used.load(Ordering::Relaxed),
                         t.keys.cap,
@@ -1321,7 +1380,7 @@ mod tests {
 
     #[test]
     fn long_keys_round_trip() {
-        let mut m = mem(64, 1 << 20);
+        let mut m = mem(61, 1 << 20);
         let t = table(&mut m, 1000);
         for len in [0, 1, 11, 12, 13, 31, 32, 33, 52, 53, 1000, MAX_KEY_BYTES] {
             let key: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
@@ -1344,20 +1403,247 @@ mod tests {
     }
 
     #[test]
-    fn refuses_when_full() {
-        let mut m = mem(16, 1 << 16);
-        let t = table(&mut m, 1000);
-        let mut ok = 0;
-        for i in 0..32u32 {
-            match t.get_or_insert(0, &i.to_le_bytes(), 1, 0) {
-                Ok(_) => ok += 1,
-                Err(e) => assert_eq!(e, TableError::Full),
+    fn homes_are_uniform() {
+        for n in [1, 16, 17, 100, 1000, 3001] {
+            assert_eq!(home_slot(0, n), 0);
+            assert_eq!(home_slot(HASH_MASK, n), n - 1);
+            assert_eq!(home_slot(HASH_MASK / 2, n), (n - 1) / 2);
+            assert_eq!(home_slot(HASH_MASK / 2 + 1, n), n / 2);
+        }
+        // the homes of many keys spread evenly: a chi-square test at about
+        // six standard deviations
+        for n in [17, 100, scale(1000, 60) as usize, scale(3001, 61) as usize] {
+            let per = scale(200, 20) as usize;
+            let mut count = vec![0u64; n];
+            for k in 0..(n * per) as u32 {
+                count[home_slot(hash_key(5, &k.to_le_bytes()) & HASH_MASK, n)] += 1;
+            }
+            let e = per as f64;
+            let chi2: f64 = count.iter().map(|&c| (c as f64 - e).powi(2) / e).sum();
+            let df = (n - 1) as f64;
+            assert!(
+                chi2 < df + 6.0 * (2.0 * df).sqrt(),
+                "{n} slots: chi-square {chi2:.0} for {df} degrees of freedom"
+            );
+        }
+    }
+
+    /// `count` keys (family 1) whose home in a table of `n` slots is `home`.
+    fn keys_at(n: usize, home: usize, count: usize) -> Vec<[u8; 4]> {
+        (0u32..)
+            .map(|k| k.to_le_bytes())
+            .filter(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home)
+            .take(count)
+            .collect()
+    }
+
+    #[test]
+    fn chains_wrap_at_the_end() {
+        // three keys homed at the last slot of 17 fill it and the first two
+        // slots; a fourth, homed at slot 0, goes to slot 2
+        let n = 17;
+        let mut m = mem(n, 1 << 12);
+        let t = table(&mut m, 100);
+        let last = keys_at(n, n - 1, 3);
+        let zero = keys_at(n, 0, 1);
+        for k in last.iter().chain(&zero) {
+            assert!(t.get_or_insert(1, k, 1, 10).unwrap().1);
+        }
+        let at = |k: &[u8]| t.find(1, k).unwrap().unwrap();
+        let st = |i: usize| state(t.slots[i].word.load(Ordering::Relaxed));
+        assert_eq!(
+            [at(&last[0]), at(&last[1]), at(&last[2]), at(&zero[0])],
+            [16, 0, 1, 2]
+        );
+        // the keys in slots 16 and 0 die; the chains of the keys in slots 1
+        // and 2 pass slot 0, the first of them slot 16 too: both stay dead
+        assert!(t.kill(16, 10));
+        assert!(t.kill(0, 10));
+        let now = 10 + REUSE_GRACE_SECS;
+        t.clean(now);
+        assert_eq!([st(16), st(0), st(1), st(2)], [DEAD, DEAD, READY, READY]);
+        assert_eq!((at(&last[2]), at(&zero[0])), (1, 2));
+        // the key in slot 1 dies: no live chain passes slot 16 any more
+        // (the key in slot 2 is homed at 0), the one in slot 2 passes 0 and 1
+        assert!(t.kill(1, now));
+        t.clean(now + REUSE_GRACE_SECS);
+        assert_eq!([st(16), st(0), st(1), st(2)], [EMPTY, DEAD, DEAD, READY]);
+        assert_eq!(at(&zero[0]), 2);
+        assert_eq!(t.find(1, &last[2]).unwrap(), None);
+        // a key homed at slot 16 takes it again; one homed at 0 reuses slot 0
+        let more = keys_at(n, n - 1, 4);
+        let now = now + 2 * REUSE_GRACE_SECS;
+        assert!(t.get_or_insert(1, &more[3], 1, now).unwrap().1);
+        assert_eq!(at(&more[3]), 16);
+        let zero2 = keys_at(n, 0, 2);
+        assert!(t.get_or_insert(1, &zero2[1], 1, now).unwrap().1);
+        assert_eq!(at(&zero2[1]), 0);
+        // the key in slot 2 dies: after a clean only slot 1 is left dead
+        // (the key in slot 0 is homed there; slot 1 is passed by no chain
+        // either, but cleaning it needs it reusable)
+        assert!(t.kill(2, now));
+        t.clean(now + REUSE_GRACE_SECS);
+        assert_eq!([st(16), st(0), st(1), st(2)], [READY, READY, EMPTY, EMPTY]);
+        assert_eq!(t.census(), (2, 0, 0));
+        assert_eq!(t.slots_used.load(Ordering::Relaxed), 2);
+    }
+
+    /// Random inserts, deletes, cleans and lookups against a model of the
+    /// live series, on tables of sizes that are not powers of two.
+    #[test]
+    fn random_ops_match_a_model() {
+        for (seed, &n) in sizes(&[17, 100, 1000, 3001], &[17]).iter().enumerate() {
+            random_ops_in(n, seed as u64 + 1, scale(40_000, 300));
+        }
+    }
+
+    fn random_ops_in(n: usize, seed: u64, steps: u32) {
+        use std::collections::{HashMap, HashSet};
+        // two key blocks and three cells per slot: with keys of one or two
+        // blocks and widths 1 to 3, any of the three can run out first
+        let mut m = mem(n, n * 2 * BLOCK as usize);
+        let cells_cap = (3 * n as u64).min(m.store.0.len() as u64);
+        let t = table(&mut m, cells_cap);
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let width = |fam: u32| fam + 1;
+        // each id has one key, of 1 to 30 bytes (one or two blocks)
+        let key_of = |id: u64| {
+            let mut k = id.to_string().into_bytes();
+            k.resize(1 + (id % 30) as usize, b'.');
+            k
+        };
+        let mut live: HashMap<(u32, Vec<u8>), u32> = HashMap::new();
+        let mut now = 100u32;
+        let check = |t: &Table<'_>, live: &HashMap<(u32, Vec<u8>), u32>, step: u32| {
+            for ((fam, key), &cell) in live {
+                let i = t.find(*fam, key).unwrap();
+                let i = i.unwrap_or_else(|| panic!("{n} slots, step {step}: {fam}/{key:?} lost"));
+                let s = t.get(i).unwrap();
+                assert_eq!((s.family, s.cell), (*fam, cell), "{n} slots, step {step}");
+            }
+            let mut keys = HashSet::new();
+            let mut cells = HashSet::new();
+            let mut got = Vec::new();
+            for i in 0..t.slots.len() {
+                let Some(s) = t.get(i) else { continue };
+                assert!(t.read_key(&s, &mut got));
+                let k = (s.family, got.clone());
+                assert_eq!(
+                    live.get(&k),
+                    Some(&s.cell),
+                    "{n} slots, step {step}: slot {i}"
+                );
+                assert!(
+                    keys.insert(k),
+                    "{n} slots, step {step}: slot {i} a second copy"
+                );
+                for c in s.cell..s.cell + width(s.family) {
+                    assert!(cells.insert(c), "{n} slots, step {step}: cell {c} shared");
+                }
+            }
+            assert_eq!(t.census(), (live.len() as u64, 0, t.census().2));
+        };
+        // phases of mostly inserts (the table fills up and refuses new
+        // series) and of mostly deletes (it empties out)
+        let phase = scale(2000, 50).max(2 * n as u32);
+        for step in 0..steps {
+            let (ins, del) = if (step / phase) % 2 == 0 {
+                (10, 2)
+            } else {
+                (3, 9)
+            };
+            let r = rand();
+            let fam = (r % 3) as u32;
+            let key = key_of((r >> 8) % (n as u64 / 2 + 1));
+            let op = (r >> 40) % 16;
+            match op {
+                _ if op < ins => {
+                    let dead = t.census().2;
+                    let before = (
+                        t.slots_used.load(Ordering::Relaxed),
+                        t.cells_used.load(Ordering::Relaxed),
+                        t.keys.used.load(Ordering::Relaxed),
+                    );
+                    let k = (fam, key);
+                    match (t.get_or_insert(fam, &k.1, width(fam), now), live.get(&k)) {
+                        (Ok((c, created)), Some(&c0)) => {
+                            assert_eq!((c, created), (c0, false), "{n} slots, step {step}")
+                        }
+                        (Ok((c, created)), None) => {
+                            assert!(created, "{n} slots, step {step}");
+                            live.insert(k, c);
+                        }
+                        (Err(TableError::Full), None) => {
+                            // refused only when something ran short
+                            let rec = blocks_for(k.1.len()) as u64 * BLOCK;
+                            assert!(
+                                dead > 0
+                                    || before.0 >= t.slot_limit()
+                                    || before.1 + width(fam) as u64 > cells_cap
+                                    || before.2 + rec > t.keys.cap,
+                                "{n} slots, step {step}: spurious Full"
+                            );
+                        }
+                        (r, _) => panic!("{n} slots, step {step}: {r:?} for {k:?}"),
+                    }
+                }
+                _ if op < ins + del => {
+                    let k = (fam, key);
+                    match t.find(fam, &k.1).unwrap() {
+                        Some(i) => {
+                            assert!(t.kill(i, now));
+                            assert!(live.remove(&k).is_some(), "{n} slots, step {step}");
+                        }
+                        None => assert!(!live.contains_key(&k), "{n} slots, step {step}"),
+                    }
+                }
+                13 => {
+                    t.clean(now);
+                }
+                14 => now += (r >> 48) as u32 % 4,
+                _ => check(&t, &live, step),
             }
         }
-        assert_eq!(ok, 15, "15/16 of 16 slots");
-        // existing keys are still found when the table is full
-        for i in 0..15u32 {
-            assert!(t.get_or_insert(0, &i.to_le_bytes(), 1, 0).is_ok());
+        check(&t, &live, steps);
+        assert!(
+            t.reused.load(Ordering::Relaxed) > 0,
+            "{n} slots: no slot reused"
+        );
+    }
+
+    #[test]
+    fn refuses_when_full() {
+        let sizes: &[(usize, u64)] = if cfg!(miri) {
+            &[(16, 15), (17, 15), (100, 93)]
+        } else {
+            &[(16, 15), (17, 15), (100, 93), (1000, 937)]
+        };
+        for &(n, limit) in sizes {
+            let mut m = mem(n, 1 << 16);
+            let t = table(&mut m, 1000);
+            assert_eq!(t.slot_limit(), limit);
+            let mut ok = 0;
+            for i in 0..2 * n as u32 {
+                match t.get_or_insert(0, &i.to_le_bytes(), 1, 0) {
+                    Ok(_) => ok += 1,
+                    Err(e) => assert_eq!(e, TableError::Full),
+                }
+            }
+            assert_eq!(ok, limit, "15/16 of {n} slots");
+            // existing keys are still found when the table is full
+            for i in 0..2 * n as u32 {
+                let r = t.get_or_insert(0, &i.to_le_bytes(), 1, 0);
+                match t.find(0, &i.to_le_bytes()).unwrap() {
+                    Some(j) => assert_eq!(r, Ok((t.get(j).unwrap().cell, false))),
+                    None => assert_eq!(r, Err(TableError::Full)),
+                }
+            }
         }
         let mut m2 = mem(64, 1 << 16);
         let t2 = table(&mut m2, 3);
@@ -1377,10 +1663,13 @@ mod tests {
 
     #[test]
     fn threads_agree_on_cells() {
-        let mut m = mem(
-            scale(1 << 12, 256) as usize,
-            scale(1 << 20, 1 << 14) as usize,
-        );
+        for &n in sizes(&[1 << 12, 3001], &[251]) {
+            threads_agree_on_cells_in(n);
+        }
+    }
+
+    fn threads_agree_on_cells_in(n: usize) {
+        let mut m = mem(n, scale(1 << 20, 1 << 14) as usize);
         let t = table(&mut m, scale(1 << 20, 1 << 10) as u64);
         // leave dead, reusable slots around so both insert paths race
         for k in 0..scale(500, 40) {
@@ -1510,47 +1799,69 @@ mod loom_tests {
         with_table(m, |t| t.get_or_insert(1, k, 1, now).unwrap().0)
     }
 
+    /// The tables the races run in: (slots, home slot of the keys). Eight
+    /// slots, keys homed at 0; and seven, keys homed at the last slot, so
+    /// that their chains wrap around to slot 0.
+    const TABLES: [(usize, usize); 2] = [(8, 0), (7, 6)];
+
+    /// `count` keys (family 1) whose home in a table of `n` slots is `home`.
+    fn homed(n: usize, home: usize, count: usize) -> Vec<[u8; 4]> {
+        (0u32..)
+            .map(|k| k.to_le_bytes())
+            .filter(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home)
+            .take(count)
+            .collect()
+    }
+
     /// Two processes insert the same new key at once: both get one series.
     #[test]
     fn same_key_race() {
-        model(|| {
-            let m = mem(8);
-            let m2 = m.clone();
-            let th = loom::thread::spawn(move || ins(&m2, b"k", 0));
-            let a = ins(&m, b"k", 0);
-            let b = th.join().unwrap();
-            assert_eq!(a, b);
-            with_table(&m, |t| assert_eq!(t.census(), (1, 0, 0)));
-        });
+        for (n, home) in TABLES {
+            let k = homed(n, home, 1)[0];
+            model(move || {
+                let m = mem(n);
+                let m2 = m.clone();
+                let th = loom::thread::spawn(move || ins(&m2, &k, 0));
+                let a = ins(&m, &k, 0);
+                let b = th.join().unwrap();
+                assert_eq!(a, b);
+                with_table(&m, |t| assert_eq!(t.census(), (1, 0, 0)));
+            });
+        }
     }
 
     /// Different keys race for the same home slot while a third looks one up.
     #[test]
     fn colliding_keys_race() {
-        model(|| {
-            let m = mem(8);
-            let mut keys = vec![];
-            let mut k = 0u32;
-            while keys.len() < 2 {
-                if hash_key(1, &k.to_le_bytes()) & 7 == 0 {
-                    keys.push(k.to_le_bytes());
-                }
-                k += 1;
-            }
+        for (n, home) in TABLES {
+            let keys = homed(n, home, 2);
             let (k0, k1) = (keys[0], keys[1]);
-            let m2 = m.clone();
-            let th = loom::thread::spawn(move || ins(&m2, &k1, 0));
-            let a = ins(&m, &k0, 0);
-            let seen = with_table(&m, |t| t.find(1, &k1).unwrap());
-            let b = th.join().unwrap();
-            assert_ne!(a, b);
-            if let Some(i) = seen {
-                with_table(&m, |t| assert_eq!(t.get(i).unwrap().cell, b));
-            }
-            with_table(&m, |t| {
-                assert_eq!(t.get_or_insert(1, &k0, 1, 0).unwrap(), (a, false));
-                assert_eq!(t.get_or_insert(1, &k1, 1, 0).unwrap(), (b, false));
+            model(move || {
+                let m = mem(n);
+                let m2 = m.clone();
+                let th = loom::thread::spawn(move || ins(&m2, &k1, 0));
+                let a = ins(&m, &k0, 0);
+                let seen = with_table(&m, |t| t.find(1, &k1).unwrap());
+                let b = th.join().unwrap();
+                assert_ne!(a, b);
+                if let Some(i) = seen {
+                    with_table(&m, |t| assert_eq!(t.get(i).unwrap().cell, b));
+                }
+                with_table(&m, |t| {
+                    assert_eq!(t.get_or_insert(1, &k0, 1, 0).unwrap(), (a, false));
+                    assert_eq!(t.get_or_insert(1, &k1, 1, 0).unwrap(), (b, false));
+                });
             });
+        }
+    }
+
+    /// A dead series (key `other`) in the home slot of key `k`, killed at
+    /// time 1: reusable from time 1 + grace on.
+    fn dead_at_home(m: &Mem, other: &[u8]) {
+        with_table(m, |t| {
+            t.get_or_insert(1, other, 1, 0).unwrap();
+            let i = t.find(1, other).unwrap().unwrap();
+            assert!(t.kill(i, 1));
         });
     }
 
@@ -1559,98 +1870,120 @@ mod loom_tests {
     /// still one live series, and both get its cells.
     #[test]
     fn reuse_race_keeps_one_copy() {
-        model(|| {
-            let m = mem(8);
-            // a dead series in the home slot of "k"
-            let h = hash_key(1, b"k") as usize & 7;
-            let mut other = 0u32;
-            while hash_key(1, &other.to_le_bytes()) as usize & 7 != h {
-                other += 1;
-            }
-            with_table(&m, |t| {
-                t.get_or_insert(1, &other.to_le_bytes(), 1, 0).unwrap();
-                let i = t.find(1, &other.to_le_bytes()).unwrap().unwrap();
-                assert!(t.kill(i, 1));
+        for (n, home) in TABLES {
+            let keys = homed(n, home, 2);
+            let (other, k) = (keys[0], keys[1]);
+            model(move || {
+                let m = mem(n);
+                dead_at_home(&m, &other);
+                let m2 = m.clone();
+                let th = loom::thread::spawn(move || ins(&m2, &k, 100));
+                let a = ins(&m, &k, 2);
+                let b = th.join().unwrap();
+                assert_eq!(a, b, "both got the same series");
+                with_table(&m, |t| assert_eq!(t.census().0, 1, "one live copy"));
             });
-            let m2 = m.clone();
-            let th = loom::thread::spawn(move || ins(&m2, b"k", 100));
-            let a = ins(&m, b"k", 2);
-            let b = th.join().unwrap();
-            assert_eq!(a, b, "both got the same series");
-            with_table(&m, |t| assert_eq!(t.census().0, 1, "one live copy"));
-        });
+        }
     }
 
     /// A cleaner empties a dead slot while an insert walks past it to the
     /// next EMPTY slot: the new series must stay findable (exactly one copy).
     #[test]
     fn clean_races_insert() {
-        model(|| {
-            let m = mem(8);
-            let h = hash_key(1, b"k") as usize & 7;
-            let mut other = 0u32;
-            while hash_key(1, &other.to_le_bytes()) as usize & 7 != h {
-                other += 1;
-            }
-            with_table(&m, |t| {
-                t.get_or_insert(1, &other.to_le_bytes(), 1, 0).unwrap();
-                let i = t.find(1, &other.to_le_bytes()).unwrap().unwrap();
-                assert!(t.kill(i, 1));
+        for (n, home) in TABLES {
+            let keys = homed(n, home, 2);
+            let (other, k) = (keys[0], keys[1]);
+            model(move || {
+                let m = mem(n);
+                dead_at_home(&m, &other);
+                let m2 = m.clone();
+                // at time 2 the dead slot is not reusable yet: the insert
+                // goes past it
+                let th = loom::thread::spawn(move || ins(&m2, &k, 2));
+                with_table(&m, |t| t.clean(100));
+                let a = th.join().unwrap();
+                with_table(&m, |t| {
+                    assert_eq!(t.get_or_insert(1, &k, 1, 2).unwrap(), (a, false));
+                    assert_eq!(t.census().0, 1, "one live copy");
+                });
             });
-            let m2 = m.clone();
-            // at time 2 the dead slot is not reusable yet: the insert goes past it
-            let th = loom::thread::spawn(move || ins(&m2, b"k", 2));
-            with_table(&m, |t| t.clean(100));
-            let a = th.join().unwrap();
-            with_table(&m, |t| {
-                assert_eq!(t.get_or_insert(1, b"k", 1, 2).unwrap(), (a, false));
-                assert_eq!(t.census().0, 1, "one live copy");
-            });
-        });
+        }
+    }
+
+    /// The first of `make(0)`, `make(1)`, .. that is not in `not` and
+    /// whose home (family 1) in a table of `n` slots is `home`.
+    fn key_homed(n: usize, home: usize, not: &[Vec<u8>], make: impl Fn(u32) -> Vec<u8>) -> Vec<u8> {
+        (0u32..)
+            .map(make)
+            .find(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home && !not.contains(k))
+            .unwrap()
     }
 
     /// A key pool of three blocks, all held by three dead one-block
-    /// series. One insert needs two blocks: it takes a dead slot, finds
-    /// the pool empty, and `clean` must give another dead slot's block
-    /// back, while a second insert (one block) takes a dead slot at the
-    /// same time. Both succeed, and no block ends up in two places.
+    /// series. One insert needs two blocks: it finds the pool empty, and
+    /// `clean` must give a dead slot's block back, while a second insert
+    /// (one block) goes in at the same time. Both succeed, and no block
+    /// ends up in two places.
+    ///
+    /// In 8 slots both inserts take an EMPTY slot and both may clean (the
+    /// homes the keys of this test had when a home was the hash's low
+    /// bits). In 7, with chains wrapping from the last slot to the first,
+    /// both take a dead slot: the two-block insert, a block short, leaves
+    /// its slot dead again and cleans while the other reuses its slot.
     #[test]
     fn clean_feeds_pool_under_race() {
-        crate::sync::loom_model(Some(2), || {
-            let m = mem_with(8, 3 * BLOCK);
-            with_table(&m, |t| {
-                for k in 0..3u32 {
-                    let key = [b'd', k as u8];
-                    t.get_or_insert(1, &key, 1, 0).unwrap();
-                    let i = t.find(1, &key).unwrap().unwrap();
-                    assert!(t.kill(i, 1));
-                }
+        // (slots, homes of the dead keys, of the two-block key, of the other)
+        for (n, dead, long_home, short_home) in [(8, [5, 1, 2], 7, 4), (7, [6, 6, 1], 6, 0)] {
+            let mut keys = vec![];
+            for h in dead {
+                let k = key_homed(n, h, &keys, |k| format!("d{k}").into_bytes());
+                keys.push(k);
+            }
+            let long = key_homed(n, long_home, &[], |k| {
+                let mut v = vec![b'a'; FIRST_KEY + 1];
+                v[FIRST_KEY - 3..].copy_from_slice(&k.to_le_bytes());
+                v
             });
-            let long = [b'a'; FIRST_KEY + 1];
-            let m2 = m.clone();
-            let th = loom::thread::spawn(move || {
-                with_table(&m2, |t| t.get_or_insert(1, b"s", 1, 100).map(|r| r.0))
+            let short = key_homed(n, short_home, &keys, |k| format!("s{k}").into_bytes());
+            crate::sync::loom_model(Some(2), move || {
+                clean_feeds_pool_in(n, &keys, long.clone(), short.clone())
             });
-            let a = with_table(&m, |t| t.get_or_insert(1, &long, 1, 100).map(|r| r.0));
-            let b = th.join().unwrap();
-            let (a, b) = (a.expect("two-block insert"), b.expect("one-block insert"));
-            assert_ne!(a, b);
-            with_table(&m, |t| {
-                let mut held = std::collections::HashSet::new();
-                for k in [&long[..], b"s"] {
-                    let i = t.find(1, k).unwrap().expect("inserted key found");
-                    let s = t.get(i).unwrap();
-                    let mut got = Vec::new();
-                    assert!(t.read_key(&s, &mut got));
-                    assert_eq!(got, k);
-                    for blk in t.record_blocks(&s) {
-                        assert!(held.insert(blk), "block {blk} in two records");
-                    }
+        }
+    }
+
+    fn clean_feeds_pool_in(n: usize, dead: &[Vec<u8>], long: Vec<u8>, short: Vec<u8>) {
+        let m = mem_with(n, 3 * BLOCK);
+        with_table(&m, |t| {
+            for key in dead {
+                t.get_or_insert(1, key, 1, 0).unwrap();
+                let i = t.find(1, key).unwrap().unwrap();
+                assert!(t.kill(i, 1));
+            }
+        });
+        let m2 = m.clone();
+        let s2 = short.clone();
+        let th = loom::thread::spawn(move || {
+            with_table(&m2, |t| t.get_or_insert(1, &s2, 1, 100).map(|r| r.0))
+        });
+        let a = with_table(&m, |t| t.get_or_insert(1, &long, 1, 100).map(|r| r.0));
+        let b = th.join().unwrap();
+        let (a, b) = (a.expect("two-block insert"), b.expect("one-block insert"));
+        assert_ne!(a, b);
+        with_table(&m, |t| {
+            let mut held = std::collections::HashSet::new();
+            for k in [&long, &short] {
+                let i = t.find(1, k).unwrap().expect("inserted key found");
+                let s = t.get(i).unwrap();
+                let mut got = Vec::new();
+                assert!(t.read_key(&s, &mut got));
+                assert_eq!(&got, k);
+                for blk in t.record_blocks(&s) {
+                    assert!(held.insert(blk), "block {blk} in two records");
                 }
-                for blk in t.free_blocks().unwrap() {
-                    assert!(held.insert(blk), "block {blk} free and held");
-                }
-            });
+            }
+            for blk in t.free_blocks().unwrap() {
+                assert!(held.insert(blk), "block {blk} free and held");
+            }
         });
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 /// "SHMPROM1" little-endian.
 pub const MAGIC: u64 = 0x314d_4f52_504d_4853;
 /// Bumped whenever the in-zone layout changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Error kinds counted in the header (index = kind code from the ABI).
 pub const ERROR_KINDS: [&str; 6] = [
     "bad_value",
@@ -168,17 +168,17 @@ impl Layout {
         // series, so longer keys borrow from shorter ones), 8 B x planes x
         // ~1.25 cells (histograms need more).
         let per_series = 17 + 30 + 10 * planes as u64;
-        let want = rest / per_series;
-        let mut slots_cap = 1u64;
-        while slots_cap * 15 / 16 < want {
-            slots_cap <<= 1;
-        }
-        // the largest power of two within its share: the key and cell
-        // arenas must outlast the table, or under churn the room held by
-        // dead slots strands while fresh slots find the arenas empty
-        while slots_cap * 16 > rest * 17 / per_series && slots_cap > 16 {
-            slots_cap >>= 1;
-        }
+        // The slots' share in whole slots, any count (the table needs no
+        // power of two), rounded down to a multiple of 16 so that 15/16 of
+        // it (the slot limit) is exact: one usable slot per series
+        // budgeted. The key and cell arenas get the rest, ~1.25 blocks and
+        // cells per usable slot, so for short counters they outlast the
+        // table, as they must, or under churn the room held by dead slots
+        // strands while fresh slots find the arenas empty. Longer keys and
+        // histograms use up that quarter: churned fast (dead series keep
+        // their room for the reuse grace) they can run the arenas out
+        // before the table.
+        let slots_cap = (rest * 17 / per_series / 16) & !15;
         let keys_off = align_up(slots_off + slots_cap * 16, 64);
         let after_slots = size - keys_off;
         let keys_cap = (after_slots * 30 / (30 + 10 * planes as u64)).min(u32::MAX as u64);

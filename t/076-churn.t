@@ -8,14 +8,17 @@
 #     while one series keeps being updated (it must never expire and must
 #     stay exact).
 # The zone must not fill: no insert refused, nothing dropped, zone bytes
-# used level off well below the zone size.
+# used level off.
 #
 # Pacing: the core reuses a deleted (or expired) series' slot only a grace
 # period after the delete (the `reuse_grace` zone option; 5 s by default,
 # 1 s here), so a zone can absorb at most about capacity / grace new label
-# sets per second. The test churns at 60 % of that rate (B: of capacity /
-# (grace + ttl + 1)) until 10x capacity went through, within BUDGET
-# seconds. SHMPROM_REUSE_GRACE and SHMPROM_CHURN_BUDGET change both.
+# sets per second, and its key blocks too are held for the grace: the key
+# pool holds about 1.25 blocks per series of capacity (the zone's budget,
+# Layout::compute), so of A's keys of 3 blocks it absorbs at most about
+# capacity x 1.25 / 3 / grace. The test churns at 60 % of that rate (B: of
+# capacity / (grace + ttl + 1)) until 10x capacity went through, within
+# BUDGET seconds. SHMPROM_REUSE_GRACE and SHMPROM_CHURN_BUDGET change both.
 
 use strict;
 use warnings;
@@ -121,7 +124,7 @@ my $capA = metric_value($pd, 'shmprom_series_capacity') // 0;
 my $capB = metric_value($pt, 'shmprom_series_capacity') // 0;
 cmp_ok($capA, '>', 10, "zone A series capacity $capA");
 cmp_ok($capB, '>', 10, "zone B series capacity $capB");
-my $rateA = 0.6 * $capA / $GRACE;
+my $rateA = 0.6 * $capA * 1.25 / 3 / $GRACE;
 my $rateB = 0.6 * $capB / ($GRACE + $TTL + 1);
 my ($wantA, $wantB) = (10 * $capA, 10 * $capB);
 
@@ -200,14 +203,17 @@ like(check('t'), qr/^ok\b/, 'B: consistency check: ' . check('t'));
 # Zone bytes level off: a slot keeps its key record and cells for the next
 # series, and key blocks and cells go back to pools, so bytes grow until
 # every slot has been used once with the longest keys, then stay. The
-# last quarter of the samples grows by less than 5 % of the zone, and the
-# zone keeps a quarter of its bytes free.
+# last quarter of the samples grows by less than 5 % of the zone. (No
+# bound below the zone size: its regions are sized to run out together,
+# so every usable slot used once with a one-block key and one cell is
+# about 80 % of the zone, leak or not; a leak shows as growth here and as
+# refused inserts above.)
 my $ZONE_BYTES = 256 * 1024;
 sub flat {
     my ($u) = @_;
     return 0 unless @$u >= 4;
     my $q = $u->[ int(3 * @$u / 4) ];
-    return $u->[-1] - $q < 0.05 * $ZONE_BYTES && $u->[-1] <= 0.75 * $ZONE_BYTES;
+    return $u->[-1] - $q < 0.05 * $ZONE_BYTES;
 }
 
 {

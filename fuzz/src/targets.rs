@@ -168,7 +168,14 @@ fn trace() -> bool {
 /// period), checked against a model of the live keys and their cells.
 pub fn series_table(data: &[u8]) {
     let mut inp = Input::new(data);
-    let nslots = 16usize << inp.below(6); // 16 .. 512
+    // 16 .. 527 slots: a power of two when the first byte is below 128,
+    // else 1 to 15 more (the table takes any count)
+    let b = inp.byte();
+    let extra = match b {
+        128.. => 1 + (b as usize >> 3) % 15,
+        _ => 0,
+    };
+    let nslots = (16usize << (b % 6)) + extra;
     let key_bytes = 64usize << inp.below(9); // 64 B .. 16 KiB
     let cells_cap = 8u64 << inp.below(10); // 8 .. 4096
     let mut m = mem(nslots, key_bytes, cells_cap);
