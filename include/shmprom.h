@@ -32,6 +32,8 @@ extern "C" {
 /* `how` of shmprom_zone_prefault */
 #define SHMPROM_PREFAULT_ALLOCATE 0
 #define SHMPROM_PREFAULT_MAP 1
+#define SHMPROM_PREFAULT_ALLOCATE_TABLE 2
+#define SHMPROM_PREFAULT_MAP_TABLE 3
 
 /* SHMPROM_CDEF_BEGIN */
 typedef struct shmprom_zone shmprom_zone;

@@ -123,10 +123,18 @@ impl OwnerRec for PlaneRec {
     }
 }
 
-/// Calls `f(cell)` with the first cell of every livesum gauge series.
+/// Calls `f(cell)` with the first cell of every livesum gauge series (a
+/// scan of the whole table, skipped when no family is a livesum gauge).
 fn for_each_livesum(z: &Zone, mut f: impl FnMut(u64)) {
-    let t = z.table();
     let fams = crate::registry::live_families(z);
+    if !fams
+        .iter()
+        .any(|x| x.kind == Kind::Gauge && x.mode == MODE_LIVESUM)
+    {
+        // no livesum family: no need to read the whole slot array
+        return;
+    }
+    let t = z.table();
     for i in 0..t.slots.len() {
         let Some(s) = t.get(i) else { continue };
         if let Some(fam) = fams.iter().find(|x| x.id == s.family) {

@@ -525,6 +525,20 @@ pub enum PrefaultHow {
     Map,
 }
 
+/// Which part of the zone [`Zone::prefault`] brings in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefaultPart {
+    /// All of it.
+    Zone,
+    /// The header, family and owner records and the slot array of the
+    /// series table: the part that new series touch at random (a new
+    /// series lands on the slot of its hash: in a table sized for far more
+    /// series than it holds, nearly every new series would fault a page of
+    /// its own), while key blocks and cells are handed out in order and
+    /// fault one page per many series.
+    Table,
+}
+
 /// How [`Zone::prefault`] got there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefaultMethod {
@@ -545,8 +559,9 @@ fn page_size() -> usize {
 }
 
 impl Zone {
-    /// Brings the whole zone in at once (see [`PrefaultHow`]) so that the
-    /// first series to use a page does not pay its fault.
+    /// Brings the zone, or its table ([`PrefaultPart`]), in at once (see
+    /// [`PrefaultHow`]) so that the first series to use a page does not
+    /// pay its fault.
     ///
     /// Safe on a live zone, values being updated by other processes: the
     /// kernel populates without writing to the pages (MADV_POPULATE_WRITE
@@ -560,39 +575,54 @@ impl Zone {
     /// shmem_enabled `advise`, or a tmpfs mounted with `huge=advise` for a
     /// `path` zone); fewer TLB misses on the table, and a worker maps 2 MB
     /// at a time.
-    pub fn prefault(&self, how: PrefaultHow) -> Result<PrefaultMethod, String> {
+    pub fn prefault(&self, how: PrefaultHow, part: PrefaultPart) -> Result<PrefaultMethod, String> {
         let addr = self.base as *mut libc::c_void;
+        let len = self.part_len(part);
         if how == PrefaultHow::Allocate {
-            // SAFETY: advice on our own live mapping of `len` bytes;
+            // SAFETY: advice on our own live mapping, `len` <= its length;
             // MADV_HUGEPAGE only changes how pages not yet there are
             // allocated, never the contents. Its result is ignored: a hint
             // (EINVAL on kernels built without transparent huge pages).
-            unsafe { libc::madvise(addr, self.len, libc::MADV_HUGEPAGE) };
+            unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
         }
         let advice = match how {
             PrefaultHow::Allocate => libc::MADV_POPULATE_WRITE,
             PrefaultHow::Map => libc::MADV_POPULATE_READ,
         };
-        // SAFETY: advice on our own live mapping of `len` bytes; populating
+        // SAFETY: advice on our own live mapping, `len` <= its length (a
+        // whole number of pages from its page-aligned base); populating
         // faults pages in (allocating zeroed ones where there were none, as
         // a first touch would) and changes no byte of the zone.
-        if unsafe { libc::madvise(addr, self.len, advice) } == 0 {
+        if unsafe { libc::madvise(addr, len, advice) } == 0 {
             return Ok(PrefaultMethod::Madvise);
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINVAL) {
             // a kernel before 5.14 does not know the advice
-            self.touch_pages(how);
+            self.touch_pages(how, part);
             return Ok(PrefaultMethod::Touch);
         }
         Err(format!(
-            "madvise({}) of {} bytes: {e}",
+            "madvise({}) of {len} bytes: {e}",
             match how {
                 PrefaultHow::Allocate => "MADV_POPULATE_WRITE",
                 PrefaultHow::Map => "MADV_POPULATE_READ",
             },
-            self.len
         ))
+    }
+
+    /// Bytes from the base that `part` covers: the whole mapping, or up to
+    /// the end of the slot array rounded up to a page.
+    pub fn part_len(&self, part: PrefaultPart) -> usize {
+        match part {
+            PrefaultPart::Zone => self.len,
+            PrefaultPart::Table => {
+                let h = self.header();
+                let end = (h.slots_off + h.slots_cap * 16) as usize;
+                let page = page_size();
+                end.div_ceil(page).saturating_mul(page).min(self.len)
+            }
+        }
     }
 
     /// The fallback of [`Zone::prefault`]: one access to the first word
@@ -603,10 +633,11 @@ impl Zone {
     /// leaving the word alone, when another process changed it in between,
     /// where a plain read then write could undo that update on a live
     /// zone. For [`PrefaultHow::Map`] a read.
-    pub fn touch_pages(&self, how: PrefaultHow) {
+    pub fn touch_pages(&self, how: PrefaultHow, part: PrefaultPart) {
         let page = page_size();
+        let len = self.part_len(part);
         let mut off = 0;
-        while off < self.len {
+        while off < len {
             // SAFETY: off < len, so the word is inside the mapping; off is a
             // multiple of the page size, so the word is 8-aligned. Words of
             // the zone are updated by atomics or by aligned 8-byte stores,

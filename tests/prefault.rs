@@ -2,7 +2,9 @@
 //! the zone is resident (mincore) and mapped in the calling process (the
 //! mapping's Rss in /proc/self/smaps); a forked child, which inherits the
 //! mapping but not its page table entries, maps it with PrefaultHow::Map;
-//! the fallback for kernels without MADV_POPULATE_* does the same; and
+//! the fallback for kernels without MADV_POPULATE_* does the same; the
+//! table part (the default of shmprom.new) brings in the records and the
+//! slot array and not the arenas; and
 //! neither changes a value of a zone in use, not even a word another
 //! process is updating with plain stores at that moment.
 //!
@@ -11,7 +13,7 @@
 
 use shmprom::expose::{render, Format};
 use shmprom::registry::{self, Def, Kind};
-use shmprom::zone::{PrefaultHow, PrefaultMethod, Zone};
+use shmprom::zone::{PrefaultHow, PrefaultMethod, PrefaultPart, Zone};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 fn page() -> usize {
@@ -21,7 +23,11 @@ fn page() -> usize {
 
 /// Pages of the zone resident in memory (mincore), and all its pages.
 fn resident(z: &Zone) -> (usize, usize) {
-    let len = z.header().size as usize;
+    resident_in(z, z.header().size as usize)
+}
+
+/// Pages resident among the first `len` bytes of the zone, and their count.
+fn resident_in(z: &Zone, len: usize) -> (usize, usize) {
     let n = len.div_ceil(page());
     let mut v = vec![0u8; n];
     // SAFETY: the zone is a live mapping of `len` bytes at a page-aligned
@@ -122,7 +128,9 @@ fn prefault_makes_the_zone_resident() {
         before.contains("pf_ops_total{op=\"write\"} 63\n"),
         "{before}"
     );
-    let m = z.prefault(PrefaultHow::Allocate).unwrap();
+    let m = z
+        .prefault(PrefaultHow::Allocate, PrefaultPart::Zone)
+        .unwrap();
     if m != PrefaultMethod::Madvise {
         eprintln!("kernel without MADV_POPULATE_WRITE: the zone was touched page by page");
     }
@@ -130,13 +138,14 @@ fn prefault_makes_the_zone_resident() {
     assert_eq!(rss(&z), size, "every page mapped in this process");
     assert_eq!(text(&z), before, "prefault changed no value");
     // again (the master on a reload): harmless
-    z.prefault(PrefaultHow::Allocate).unwrap();
+    z.prefault(PrefaultHow::Allocate, PrefaultPart::Zone)
+        .unwrap();
     assert_eq!(text(&z), before);
 
     // a forked worker inherits the pages but not their page table entries
     in_child(|| {
         let r0 = rss(&z);
-        z.prefault(PrefaultHow::Map).unwrap();
+        z.prefault(PrefaultHow::Map, PrefaultPart::Zone).unwrap();
         eprintln!(
             "child: zone Rss {r0} bytes after fork, {} after Map",
             rss(&z)
@@ -145,12 +154,44 @@ fn prefault_makes_the_zone_resident() {
         assert_eq!(resident(&z), (pages, pages));
     });
 
+    // the table part: records and slots resident, the arenas not
+    let tz = populated("pf-table", size, None);
+    let tlen = tz.part_len(PrefaultPart::Table);
+    let h = tz.header();
+    assert!(
+        tlen as u64 >= h.slots_off + h.slots_cap * 16 && tlen as u64 <= h.keys_off + page() as u64
+    );
+    assert!(
+        tlen < size as usize / 2,
+        "the table is a part of the zone: {tlen} of {size}"
+    );
+    let before = text(&tz);
+    tz.prefault(PrefaultHow::Allocate, PrefaultPart::Table)
+        .unwrap();
+    let (tres, tpages) = resident_in(&tz, tlen);
+    assert_eq!(tres, tpages, "every page of the table resident");
+    let (all, pages) = resident(&tz);
+    assert!(
+        all < tpages + pages / 10,
+        "the arenas stay out: {all} of {pages} pages resident, {tpages} of them the table's"
+    );
+    assert_eq!(text(&tz), before, "prefault changed no value");
+    in_child(|| {
+        tz.prefault(PrefaultHow::Map, PrefaultPart::Table).unwrap();
+        let r = rss(&tz) as usize;
+        assert!(
+            r >= tlen && r < tlen + size as usize / 10,
+            "Map of the table maps its {tlen} bytes (Rss {r})"
+        );
+    });
+    tz.touch_pages(PrefaultHow::Map, PrefaultPart::Table);
+
     // the fallback for kernels before 5.14, called directly
     let t = populated("pf-touch", 16 << 20, None);
     let (res0, pages) = resident(&t);
     assert!(res0 < pages / 10, "{res0} of {pages} pages");
     let before = text(&t);
-    t.touch_pages(PrefaultHow::Allocate);
+    t.touch_pages(PrefaultHow::Allocate, PrefaultPart::Zone);
     assert_eq!(
         resident(&t),
         (pages, pages),
@@ -159,7 +200,7 @@ fn prefault_makes_the_zone_resident() {
     assert_eq!(rss(&t), 16 << 20);
     assert_eq!(text(&t), before, "touching changed no value");
     in_child(|| {
-        t.touch_pages(PrefaultHow::Map);
+        t.touch_pages(PrefaultHow::Map, PrefaultPart::Zone);
         assert_eq!(rss(&t), 16 << 20, "touching maps every page in the child");
     });
 
@@ -169,7 +210,8 @@ fn prefault_makes_the_zone_resident() {
     let file = dir.join("zone");
     let f = populated("pf-file", 4 << 20, Some(file.to_str().unwrap()));
     let before = text(&f);
-    f.prefault(PrefaultHow::Allocate).unwrap();
+    f.prefault(PrefaultHow::Allocate, PrefaultPart::Zone)
+        .unwrap();
     let (res, pages) = resident(&f);
     assert_eq!(res, pages);
     assert_eq!(text(&f), before);
@@ -203,9 +245,10 @@ fn prefault_makes_the_zone_resident() {
     let mut passes = 0u64;
     while done.load(Ordering::Acquire) == 0 {
         if passes % 2 == 0 {
-            l.touch_pages(PrefaultHow::Allocate);
+            l.touch_pages(PrefaultHow::Allocate, PrefaultPart::Zone);
         } else {
-            l.prefault(PrefaultHow::Allocate).unwrap();
+            l.prefault(PrefaultHow::Allocate, PrefaultPart::Zone)
+                .unwrap();
         }
         passes += 1;
     }

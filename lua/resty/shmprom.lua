@@ -36,6 +36,7 @@ local MODE_SET, MODE_LIVESUM = 0, 1
 local ERR_BAD_VALUE, ERR_BAD_LABELS, ERR_INTERNAL = 0, 1, 4
 -- `how` of shmprom_zone_prefault (SHMPROM_PREFAULT_* in include/shmprom.h)
 local PREFAULT_ALLOCATE, PREFAULT_MAP = 0, 1
+local PREFAULT_ALLOCATE_TABLE, PREFAULT_MAP_TABLE = 2, 3
 local PREFAULT_METHODS = { [0] = "madvise", [1] = "touch" }
 -- Entries in a family's label cache before it is dropped and rebuilt.
 local MAX_CACHE = 65536
@@ -222,7 +223,7 @@ local function try_claim(z)
 end
 
 --- shmprom.new{ zone = "name", size = "32m", planes = n, path = nil,
----              lib = nil, prefault = false }
+---              lib = nil, prefault = "table" }
 -- Opens (creating it on first use) a shared zone. Call it from
 -- init_by_lua* so every worker inherits it.
 function _M.new(opts)
@@ -252,9 +253,14 @@ function _M.new(opts)
     if opts.path ~= nil and type(opts.path) ~= "string" then
         error("shmprom.new: 'path' must be a string", 2)
     end
+    -- true: the whole zone; "table" (the default): the series table's
+    -- slots, where new series land at random; false: nothing
     local prefault = opts.prefault
-    if prefault ~= nil and type(prefault) ~= "boolean" then
-        error("shmprom.new: 'prefault' must be a boolean", 2)
+    local prefault_default = prefault == nil
+    if prefault_default then
+        prefault = "table"
+    elseif prefault ~= true and prefault ~= false and prefault ~= "table" then
+        error("shmprom.new: 'prefault' must be true, false or \"table\"", 2)
     end
     local ttl = opts.ttl
     if ttl ~= nil and (type(ttl) ~= "number" or ttl < 1 or ttl ~= floor(ttl))
@@ -296,18 +302,27 @@ function _M.new(opts)
     if rc == 1 and ngx then
         ngx.log(ngx.WARN, "shmprom: zone '", name, "': ", errmsg())
     end
-    -- The whole zone resident now, in the master before the workers fork
-    -- (each worker then maps it in init_worker). Safe on a zone already in
-    -- use (a reload): no value changes.
-    local prefaulted
+    -- The zone (or its table) resident now, in the master before the
+    -- workers fork (each worker then maps it in init_worker). Safe on a
+    -- zone already in use (a reload): no value changes.
+    local prefaulted, prefault_part
     if prefault then
-        local prc = C.shmprom_zone_prefault(out[0], PREFAULT_ALLOCATE, errbuf,
-                                            ERRLEN)
-        if prc < 0 then
+        local how = prefault == true and PREFAULT_ALLOCATE
+                    or PREFAULT_ALLOCATE_TABLE
+        local prc = C.shmprom_zone_prefault(out[0], how, errbuf, ERRLEN)
+        if prc >= 0 then
+            prefaulted = PREFAULT_METHODS[tonumber(prc)]
+            prefault_part = prefault == true and "zone" or "table"
+        elseif prefault_default then
+            -- not asked for: the zone works without, page by page
+            if ngx then
+                ngx.log(ngx.WARN, "shmprom: zone '", name, "': prefault of ",
+                        "the table: ", errmsg())
+            end
+        else
             error("shmprom.new: zone '" .. name .. "': prefault: " .. errmsg(),
                   2)
         end
-        prefaulted = PREFAULT_METHODS[tonumber(prc)]
     end
     if grace then
         C.shmprom_zone_set_grace(out[0], grace)
@@ -342,6 +357,8 @@ function _M.new(opts)
         lib = lib_path,
         -- "madvise" or "touch" (how the zone was made resident), or nil
         prefault = prefaulted,
+        -- "zone" or "table" (what was made resident), or nil
+        prefault_part = prefault_part,
     }, Zone)
     zones[name] = z
     return z
@@ -356,8 +373,9 @@ function Zone:init_worker()
     -- map them all now rather than one fault per page at first use.
     if self.prefault and not self.mapped and not in_master_init() then
         self.mapped = true
-        local rc = C.shmprom_zone_prefault(self.ptr, PREFAULT_MAP, errbuf,
-                                           ERRLEN)
+        local how = self.prefault_part == "zone" and PREFAULT_MAP
+                    or PREFAULT_MAP_TABLE
+        local rc = C.shmprom_zone_prefault(self.ptr, how, errbuf, ERRLEN)
         if rc < 0 then
             log_limited("prefault", "zone '" .. self.name .. "': prefault in "
                         .. "the worker: " .. errmsg())

@@ -7,7 +7,7 @@ use crate::cells::{claim_plane, claim_spare, f64_add, f64_set, spare_held, sum_c
 use crate::expose::{render, shared, Format};
 use crate::registry::{self, Def, DefineError, Kind, SeriesError};
 use crate::series::TableError;
-use crate::zone::{OpenError, PrefaultHow, PrefaultMethod, Zone};
+use crate::zone::{OpenError, PrefaultHow, PrefaultMethod, PrefaultPart, Zone};
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -31,6 +31,10 @@ pub const SHMPROM_ETOOLONG: c_int = -7;
 pub const SHMPROM_PREFAULT_ALLOCATE: u32 = 0;
 /// `how` of shmprom_zone_prefault: map the zone's pages into this process.
 pub const SHMPROM_PREFAULT_MAP: u32 = 1;
+/// `how` of shmprom_zone_prefault: as ALLOCATE, the series table only.
+pub const SHMPROM_PREFAULT_ALLOCATE_TABLE: u32 = 2;
+/// `how` of shmprom_zone_prefault: as MAP, the series table only.
+pub const SHMPROM_PREFAULT_MAP_TABLE: u32 = 3;
 
 /// Opaque zone handle (the base of the shared mapping).
 #[repr(C)]
@@ -849,7 +853,9 @@ pub unsafe extern "C" fn shmprom_zone_set_grace(z: *mut shmprom_zone, secs: u32)
 /// allocated where it never was, and mapped writable here: in the process
 /// that creates the zone) or SHMPROM_PREFAULT_MAP (the zone's pages mapped
 /// into this process's page tables: in a process that inherited the zone
-/// by fork). Safe on a live zone: no value changes. Returns 0 when done by
+/// by fork); SHMPROM_PREFAULT_ALLOCATE_TABLE and SHMPROM_PREFAULT_MAP_TABLE
+/// do the same for the series table only (records and slots: the part new
+/// series touch at random). Safe on a live zone: no value changes. Returns 0 when done by
 /// madvise, 1 when done by touching every page (kernels before 5.14), or a
 /// negative error code.
 ///
@@ -863,16 +869,22 @@ pub unsafe extern "C" fn shmprom_zone_prefault(
     errlen: usize,
 ) -> c_int {
     nonnull!(z, err, errlen, SHMPROM_EINVAL, "zone");
-    let how = match how {
-        SHMPROM_PREFAULT_ALLOCATE => PrefaultHow::Allocate,
-        SHMPROM_PREFAULT_MAP => PrefaultHow::Map,
+    let (how, part) = match how {
+        SHMPROM_PREFAULT_ALLOCATE => (PrefaultHow::Allocate, PrefaultPart::Zone),
+        SHMPROM_PREFAULT_MAP => (PrefaultHow::Map, PrefaultPart::Zone),
+        SHMPROM_PREFAULT_ALLOCATE_TABLE => (PrefaultHow::Allocate, PrefaultPart::Table),
+        SHMPROM_PREFAULT_MAP_TABLE => (PrefaultHow::Map, PrefaultPart::Table),
         _ => {
-            set_err(err, errlen, "prefault: how must be 0 (allocate) or 1 (map)");
+            set_err(
+                err,
+                errlen,
+                "prefault: how must be 0 (allocate) or 1 (map), or 2 or 3 (the same, the table only)",
+            );
             return SHMPROM_EINVAL;
         }
     };
     guard!(err, errlen, SHMPROM_EPANIC, {
-        match zone(z).prefault(how) {
+        match zone(z).prefault(how, part) {
             Ok(PrefaultMethod::Madvise) => 0,
             Ok(PrefaultMethod::Touch) => 1,
             Err(m) => {

@@ -200,6 +200,7 @@ end
 do
     local pf = shmprom.new{ zone = "lua-prefault", size = "2m", prefault = true }
     assert(pf.prefault == "madvise" or pf.prefault == "touch", tostring(pf.prefault))
+    assert(pf.prefault_part == "zone", tostring(pf.prefault_part))
     pf:init_worker()
     local pc = pf:counter("pf_total", "Prefaulted", {"k"})
     for i = 1, 100 do
@@ -208,8 +209,11 @@ do
     assert(pc:value({3}) == 10)
     assert(pf:metric_data():find('pf_total{k="3"} 10\n', 1, true))
     assert(pf:check())
-    assert(m.prefault == nil, "no prefault unless asked")
-    assert(shmprom.new{ zone = "lua-prefault-off", size = "1m", prefault = false }.prefault == nil)
+    -- by default the table only
+    assert(m.prefault == "madvise" or m.prefault == "touch", tostring(m.prefault))
+    assert(m.prefault_part == "table", tostring(m.prefault_part))
+    local off = shmprom.new{ zone = "lua-prefault-off", size = "1m", prefault = false }
+    assert(off.prefault == nil and off.prefault_part == nil, "no prefault when told not to")
 end
 
 assert(m:check())

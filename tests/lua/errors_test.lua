@@ -38,8 +38,8 @@ at_caller("label names must be a table", function() m:counter("c_total", "x", "a
 at_caller("'zone' must be", function() shmprom.new{} end)
 at_caller("'size' must be", function() shmprom.new{ zone = "x", size = "lots" } end)
 at_caller("below the minimum", function() shmprom.new{ zone = "tiny", size = 1024 } end)
-at_caller("'prefault' must be a boolean", function() shmprom.new{ zone = "pf", prefault = "yes" } end)
-at_caller("'prefault' must be a boolean", function() shmprom.new{ zone = "pf", prefault = 1 } end)
+at_caller("'prefault' must be true, false or \"table\"", function() shmprom.new{ zone = "pf", prefault = "yes" } end)
+at_caller("'prefault' must be true, false or \"table\"", function() shmprom.new{ zone = "pf", prefault = 1 } end)
 
 local c = m:counter("c_total", "x", {"a", "b"})
 at_caller("already defined", function() m:counter("c_total", "x", {"a"}) end)
