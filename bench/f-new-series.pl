@@ -13,11 +13,13 @@
 #          the traffic at the start of the run
 #   batch  the old load, plus one request that creates 10k new histogram
 #          label sets in one loop (the worker running it is blocked for the
-#          loop: that is its stall)
+#          loop: that is its stall); the zone has the default prefault
+#          ("table": its slot array resident from the start)
 #   batch-plain, batch-prefault
 #          the same loop, into one of two more 512m zones of the same nginx
-#          that differ only in prefault (off / on: resident from the master,
-#          mapped by each worker's init_worker); both get the same 10k old
+#          that differ only in prefault (false / true: the whole zone
+#          resident from the master, mapped by each worker's init_worker);
+#          both get the same 10k old
 #          label sets first and then only these batches, so the pair
 #          measures prefault alone (the batch row's zone also takes the
 #          traffic's label sets, and its workers' label caches differ)
@@ -49,7 +51,7 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
                                   { "path", "status" })
         bench_h = bench_m:histogram("bench_f_duration_seconds", "Latency",
                                     { "path" }, F.BUCKETS19)
-        bench_q = shmprom.new{ zone = "bench_f_plain", size = "512m" }
+        bench_q = shmprom.new{ zone = "bench_f_plain", size = "512m", prefault = false }
         bench_qc = bench_q:counter("bench_f_requests_total", "Requests",
                                    { "path", "status" })
         bench_qh = bench_q:histogram("bench_f_duration_seconds", "Latency",
@@ -262,8 +264,8 @@ for my $mode (@MODES) {
         add_target("f-$mode", $mode eq 'new'
                        ? '(f) 10k new label sets created by the traffic under load: longest worker stall'
                        : $mode eq 'batch'
-                       ? '(f) 10k new histogram label sets created in one handler loop under load: longest worker stall'
-                       : '(f) the same loop into a zone opened with prefault = true: longest worker stall (the same into a zone without: ' . sprintf('%.1f ms', median(map { $_->{cpu_max} } @{ $runs{'batch-plain'} })) . ')',
+                       ? '(f) 10k new histogram label sets created in one handler loop under load (default zone: prefault = "table"): longest worker stall'
+                       : '(f) the same loop into a zone opened with prefault = true: longest worker stall (the same into a zone with prefault = false: ' . sprintf('%.1f ms', median(map { $_->{cpu_max} } @{ $runs{'batch-plain'} })) . ')',
                    "<= $TARGET ms",
                    sprintf('%.1f ms busy, median of %d runs (worst run %.1f; no-creation baseline %.1f, '
                            . 'worst %.1f; wall gaps up to %.1f ms, preemption included)', $busy_med, $ROUNDS,
@@ -301,9 +303,10 @@ $md .= "One nginx, 2 workers, zone 512m (and two more for the prefault compariso
      . "Load: `$cmd` (old: 10k existing paths), `... -- new BASE 5000` (each of the 2 threads "
      . "first sends 5,000 new paths: 10k new label sets = 10k counter + 10k histogram series, "
      . "then the old paths), batch: the old load plus, 1 s in, one request whose handler creates "
-     . "10k new histogram label sets in a loop (`h:observe(0.01, { \"/b/\" .. i })`); "
+     . "10k new histogram label sets in a loop (`h:observe(0.01, { \"/b/\" .. i })`), into the first "
+     . "zone, opened with the default `prefault = \"table\"` (its slot array resident); "
      . "batch-plain and batch-prefault: the same, the loop writing to one of two more 512m zones of "
-     . "the same nginx that differ only in `prefault` (off / on), both given the same 10k old label "
+     . "the same nginx that differ only in `prefault` (false / true), both given the same 10k old label "
      . "sets first and then only these batches: the pair isolates prefault (the batch row's zone also "
      . "takes the traffic's label sets, and the workers' label caches of its family differ). The "
      . "batch column counts the page faults the loop's thread took (getrusage RUSAGE_THREAD, minor "
