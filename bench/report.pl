@@ -145,9 +145,10 @@ $md .= "## Running them\n\n"
      . "instances run from throw-away prefixes on free 127.0.0.1 ports and are stopped by pid.\n";
 
 # Sections written by other commands or by hand ("## Full zone", bench/soak.pl's "## Soak", the
-# valgrind run's "## Valgrind", "## Gateway module by hand") are kept from the previous file.
+# valgrind run's "## Valgrind", "## Gateway module by hand", "## Checks by hand") are kept from
+# the previous file.
 if (defined(my $prev = slurp($results))) {
-    for my $sec ('Full zone', 'Soak', 'Valgrind', 'Gateway module by hand') {
+    for my $sec ('Full zone', 'Soak', 'Valgrind', 'Gateway module by hand', 'Checks by hand') {
         if ($prev =~ /^(## \Q$sec\E\n.*?)(?=^## |\z)/ms) {
             my $section = $1;
             $md .= "\n" unless $md =~ /\n\n\z/;
