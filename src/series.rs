@@ -1141,6 +1141,17 @@ impl<'a> Table<'a> {
     }
 }
 
+/// `count` keys (family 1) whose home in a table of `n` slots is `home`
+/// (for the tests and the loom models).
+#[cfg(test)]
+fn keys_homed(n: usize, home: usize, count: usize) -> Vec<[u8; 4]> {
+    (0u32..)
+        .map(|k| k.to_le_bytes())
+        .filter(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home)
+        .take(count)
+        .collect()
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -1428,15 +1439,6 @@ mod tests {
         }
     }
 
-    /// `count` keys (family 1) whose home in a table of `n` slots is `home`.
-    fn keys_at(n: usize, home: usize, count: usize) -> Vec<[u8; 4]> {
-        (0u32..)
-            .map(|k| k.to_le_bytes())
-            .filter(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home)
-            .take(count)
-            .collect()
-    }
-
     #[test]
     fn chains_wrap_at_the_end() {
         // three keys homed at the last slot of 17 fill it and the first two
@@ -1444,8 +1446,8 @@ mod tests {
         let n = 17;
         let mut m = mem(n, 1 << 12);
         let t = table(&mut m, 100);
-        let last = keys_at(n, n - 1, 3);
-        let zero = keys_at(n, 0, 1);
+        let last = keys_homed(n, n - 1, 3);
+        let zero = keys_homed(n, 0, 1);
         for k in last.iter().chain(&zero) {
             assert!(t.get_or_insert(1, k, 1, 10).unwrap().1);
         }
@@ -1471,11 +1473,11 @@ mod tests {
         assert_eq!(at(&zero[0]), 2);
         assert_eq!(t.find(1, &last[2]).unwrap(), None);
         // a key homed at slot 16 takes it again; one homed at 0 reuses slot 0
-        let more = keys_at(n, n - 1, 4);
+        let more = keys_homed(n, n - 1, 4);
         let now = now + 2 * REUSE_GRACE_SECS;
         assert!(t.get_or_insert(1, &more[3], 1, now).unwrap().1);
         assert_eq!(at(&more[3]), 16);
-        let zero2 = keys_at(n, 0, 2);
+        let zero2 = keys_homed(n, 0, 2);
         assert!(t.get_or_insert(1, &zero2[1], 1, now).unwrap().1);
         assert_eq!(at(&zero2[1]), 0);
         // the key in slot 2 dies: after a clean only slot 1 is left dead
@@ -1804,20 +1806,11 @@ mod loom_tests {
     /// that their chains wrap around to slot 0.
     const TABLES: [(usize, usize); 2] = [(8, 0), (7, 6)];
 
-    /// `count` keys (family 1) whose home in a table of `n` slots is `home`.
-    fn homed(n: usize, home: usize, count: usize) -> Vec<[u8; 4]> {
-        (0u32..)
-            .map(|k| k.to_le_bytes())
-            .filter(|k| home_slot(hash_key(1, k) & HASH_MASK, n) == home)
-            .take(count)
-            .collect()
-    }
-
     /// Two processes insert the same new key at once: both get one series.
     #[test]
     fn same_key_race() {
         for (n, home) in TABLES {
-            let k = homed(n, home, 1)[0];
+            let k = keys_homed(n, home, 1)[0];
             model(move || {
                 let m = mem(n);
                 let m2 = m.clone();
@@ -1834,7 +1827,7 @@ mod loom_tests {
     #[test]
     fn colliding_keys_race() {
         for (n, home) in TABLES {
-            let keys = homed(n, home, 2);
+            let keys = keys_homed(n, home, 2);
             let (k0, k1) = (keys[0], keys[1]);
             model(move || {
                 let m = mem(n);
@@ -1871,7 +1864,7 @@ mod loom_tests {
     #[test]
     fn reuse_race_keeps_one_copy() {
         for (n, home) in TABLES {
-            let keys = homed(n, home, 2);
+            let keys = keys_homed(n, home, 2);
             let (other, k) = (keys[0], keys[1]);
             model(move || {
                 let m = mem(n);
@@ -1891,7 +1884,7 @@ mod loom_tests {
     #[test]
     fn clean_races_insert() {
         for (n, home) in TABLES {
-            let keys = homed(n, home, 2);
+            let keys = keys_homed(n, home, 2);
             let (other, k) = (keys[0], keys[1]);
             model(move || {
                 let m = mem(n);

@@ -323,30 +323,10 @@ subtest 'reload with a changed definition resets only that family' => sub {
 };
 
 # ---------------------------------------------------------------- held requests
-# hold_requests(): opens /hold requests (each answers its worker pid, then waits
+# hold_requests(): /hold requests (each answers its worker pid, then waits
 # until the client goes away) until every worker holds at least 2 of them.
 # Returns ([ [socket, pid], ... ], { pid => count }).
-sub hold_requests {
-    my (@socks, %held);
-    my %w = map { $_ => 1 } $n->worker_pids;
-    for my $i (1 .. 60) {
-        last if keys(%held) >= keys(%w) && !grep { ($held{$_} // 0) < 2 } keys %w;
-        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $n->port, Proto => 'tcp', Timeout => 5)
-            or last;
-        print {$s} "GET /hold HTTP/1.1\r\nHost: localhost\r\n\r\n";
-        my $buf = '';
-        my $deadline = time + 5;
-        while ($buf !~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ && time < $deadline) {
-            my $rin = ''; vec($rin, fileno($s), 1) = 1;
-            select(my $rout = $rin, undef, undef, 0.5) or next;
-            sysread($s, $buf, 4096, length $buf) or last;
-        }
-        my ($pid) = $buf =~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ or next;
-        push @socks, [$s, $pid];
-        $held{$pid}++;
-    }
-    return (\@socks, \%held);
-}
+sub hold_requests { return $n->hold('/hold') }
 
 sub planes_in_use { metric_value($_[0], 'shmprom_planes', state => 'in_use') // -1 }
 sub gauge_is {

@@ -156,29 +156,6 @@ is(scalar @bad, 0, 'no error lines but the kills') or diag join "\n", @bad[0 .. 
 
 # ------------------------------------------------------------ 2b. reload overlap
 
-# hold_pids(): opens /holdpid requests until every current worker holds at
-# least 2; returns ([ [socket, pid], ... ], { pid => count })
-sub hold_pids {
-    my (@socks, %held);
-    my %w = map { $_ => 1 } $n->worker_pids;
-    for (1 .. 60) {
-        last if !grep { ($held{$_} // 0) < 2 } keys %w;
-        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $n->port, Proto => 'tcp', Timeout => 5)
-            or last;
-        print {$s} "GET /holdpid HTTP/1.1\r\nHost: localhost\r\n\r\n";
-        my $buf = '';
-        my $deadline = time + 5;
-        while ($buf !~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ && time < $deadline) {
-            my $rin = ''; vec($rin, fileno($s), 1) = 1;
-            select(my $rout = $rin, undef, undef, 0.5) or next;
-            sysread($s, $buf, 4096, length $buf) or last;
-        }
-        my ($pid) = $buf =~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ or next;
-        push @socks, [ $s, $pid ];
-        $held{$pid}++;
-    }
-    return (\@socks, \%held);
-}
 sub spares { my ($p, $state) = @_; return metric_value($p, 'shmprom_plane_spares', state => $state) // -1 }
 sub planes { my ($p, $state) = @_; return metric_value($p, 'shmprom_planes', state => $state) // -1 }
 
@@ -187,7 +164,7 @@ $q = scrape();
 my $reads_o = reads($q);
 is(planes($q, 'total'), 2, 'one plane per worker');
 is(spares($q, 'total'), 2, 'one spare per plane');
-my ($old_socks, $old_held) = hold_pids();
+my ($old_socks, $old_held) = $n->hold('/holdpid');
 ok(keys(%$old_held) == 2, 'both workers hold requests: ' . join(', ', map { "$_=$old_held->{$_}" } sort keys %$old_held));
 $n->reload(timeout => 15);    # the old workers stay until their requests end
 is(scalar($n->old_worker_pids), 2, 'old workers still running');
@@ -196,7 +173,7 @@ is($ro->{ok}, 1000, '1000 requests through the new workers');
 ok(wait_until(sub { $q = scrape(); $q && spares($q, 'in_use') == 2 && planes($q, 'in_use') == 2 }, timeout => 10),
    'the old workers hold the planes, the new ones a spare each')
     or diag 'planes ' . planes($q, 'in_use') . ', spares ' . spares($q, 'in_use');
-my ($new_socks, $new_held) = hold_pids();
+my ($new_socks, $new_held) = $n->hold('/holdpid');
 ok(keys(%$new_held) == 2, 'both new workers hold requests: ' . join(', ', map { "$_=$new_held->{$_}" } sort keys %$new_held));
 my $inf = @$old_socks + @$new_socks;
 ok(wait_until(sub { $q = scrape(); $q && (in_flight($q) // -1) == $inf }, timeout => 10), "$inf in flight, old and new")

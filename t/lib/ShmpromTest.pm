@@ -528,6 +528,39 @@ sub wait_old_workers_gone {
 
 # kill_worker($pid, 'KILL', timeout => 10): signal one worker, wait until it is
 # gone and the master has brought the worker count back. Returns the new pids.
+# hold($path, per_worker => 2): opens requests to $path, which must answer
+# its worker's pid in the body (chunked), flush, then wait until the client
+# goes away (`ngx.say(ngx.worker.pid()) ngx.flush(true) ngx.sleep(...)`
+# with lua_check_client_abort), until every current worker holds at least
+# per_worker of them (at most 60 connections). Returns
+# ([ [socket, pid], ... ], { pid => count }); closing a socket ends its
+# request.
+sub hold {
+    my ($self, $path, %o) = @_;
+    my $per = $o{per_worker} // 2;
+    my (@socks, %held);
+    my %w = map { $_ => 1 } $self->worker_pids;
+    for (1 .. 60) {
+        last if !grep { ($held{$_} // 0) < $per } keys %w;
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $self->port, Proto => 'tcp',
+                                      Timeout => 5)
+            or last;
+        print {$s} "GET $path HTTP/1.1\r\nHost: localhost\r\n\r\n";
+        my $buf = '';
+        my $deadline = time + 5;
+        while ($buf !~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ && time < $deadline) {
+            my $rin = '';
+            vec($rin, fileno($s), 1) = 1;
+            select(my $rout = $rin, undef, undef, 0.5) or next;
+            sysread($s, $buf, 4096, length $buf) or last;
+        }
+        my ($pid) = $buf =~ /\r\n\r\n[0-9a-f]+\r\n(\d+)\n/ or next;
+        push @socks, [ $s, $pid ];
+        $held{$pid}++;
+    }
+    return (\@socks, \%held);
+}
+
 sub kill_worker {
     my ($self, $pid, $sig, %o) = @_;
     $sig //= 'KILL';
