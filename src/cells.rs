@@ -87,10 +87,11 @@ pub fn claim_spare(z: &Zone, pid: u32) -> u32 {
 /// Whether process `pid` holds spare `spare` (1-based) now: a plane claim
 /// by the same process (through another caller in it) gives it back.
 pub fn spare_held(z: &Zone, spare: u32, pid: u32) -> bool {
-    spare >= 1
-        && (spare as usize) <= z.spares().len()
-        && pid != 0
-        && z.spares()[spare as usize - 1].pid.load(Ordering::Acquire) == pid
+    pid != 0
+        && (spare as usize)
+            .checked_sub(1)
+            .and_then(|i| z.spares().get(i))
+            .is_some_and(|r| r.pid.load(Ordering::Acquire) == pid)
 }
 
 /// Plane owners as the operating system sees them.
@@ -177,8 +178,8 @@ pub fn live_planes(z: &Zone) -> Live {
 }
 
 /// Planes held by a live process (plane 0 not counted).
-pub fn planes_in_use(z: &Zone) -> u64 {
-    live_planes(z).planes.iter().skip(1).filter(|a| **a).count() as u64
+pub fn planes_in_use(live: &Live) -> u64 {
+    live.planes.iter().skip(1).filter(|a| **a).count() as u64
 }
 
 /// Spares held by a live process.

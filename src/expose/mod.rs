@@ -7,7 +7,7 @@
 mod fmt;
 pub mod shared;
 
-use crate::cells::{live_planes, spares_in_use, sum_cell, Live};
+use crate::cells::{live_planes, planes_in_use, spares_in_use, sum_cell, Live};
 use crate::registry::{live_families, Family, Kind};
 use crate::zone::{Zone, ERROR_KINDS};
 use fmt::{escape_help, escape_label_value, write_f64};
@@ -258,7 +258,7 @@ fn render_self(out: &mut Out<'_>, z: &Zone, fams: &[Family<'_>], live: &Live) {
         total,
     );
     out.header("shmprom_planes", b"Per-writer planes of the zone", g);
-    let in_use = live.planes.iter().skip(1).filter(|a| **a).count() as f64;
+    let in_use = planes_in_use(live) as f64;
     self_line(out, "shmprom_planes", g, Some(("state", b"in_use")), in_use);
     let total = (h.planes - 1) as f64;
     self_line(out, "shmprom_planes", g, Some(("state", b"total")), total);
