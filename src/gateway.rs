@@ -359,30 +359,24 @@ impl Gateway {
         let Some(idx) = self.in_flight_idx() else {
             return;
         };
+        if self.own.is_null() && self.spare > 0 {
+            // SAFETY: getpid has no preconditions.
+            let pid = unsafe { libc::getpid() } as u32;
+            if !spare_held(&self.zone, self.spare, pid) {
+                // the Lua wrapper in this process claimed the plane since,
+                // which gave the spare back: claim now (the same plane)
+                self.spare = 0;
+                self.next_claim = 0;
+                self.refresh();
+            }
+        }
         if !self.own.is_null() {
             self.add_own(idx, v);
             return;
         }
         if self.spare > 0 {
-            // SAFETY: getpid has no preconditions.
-            let pid = unsafe { libc::getpid() } as u32;
-            if spare_held(&self.zone, self.spare, pid) {
-                f64_add(self.zone.cell(0, idx + self.spare as u64), v);
-                return;
-            }
-            // the Lua wrapper in this process claimed the plane since,
-            // which gave the spare back: claim now (the same plane)
-            self.spare = 0;
-            self.next_claim = 0;
-            self.refresh();
-            if !self.own.is_null() {
-                self.add_own(idx, v);
-                return;
-            }
-            if self.spare > 0 {
-                f64_add(self.zone.cell(0, idx + self.spare as u64), v);
-                return;
-            }
+            f64_add(self.zone.cell(0, idx + self.spare as u64), v);
+            return;
         }
         self.live_shared += v;
         f64_add(self.zone.cell(0, idx), v);

@@ -802,31 +802,29 @@ end
 -- its net share on the series' shared cell is remembered, to move to its
 -- plane later.
 local function live_shared_add(z, idx, v, set)
-    local sh = z.live_shared
-    local sp = z.spare
-    if sp > 0 then
-        if C.shmprom_spare_held(z.ptr, sp, current_pid()) == 1 then
-            if set then
-                C.shmprom_cell_set(z.ptr, 0, idx + sp, v - (sh[idx] or 0))
-            else
-                C.shmprom_cell_add(z.ptr, 0, idx + sp, v)
-            end
-            return
-        end
+    if z.spare > 0
+       and C.shmprom_spare_held(z.ptr, z.spare, current_pid()) ~= 1 then
         -- another caller in this worker (the gateway module's recorder)
         -- claimed the plane since, which gave the spare back
         z.spare = 0
         z.claim_at = 0
         try_claim(z)
-        local off = z.off
-        if off > 0 then
-            local c = z.cells
-            c[off + idx] = set and v or c[off + idx] + v
-            return
+    end
+    local off = z.off
+    if off > 0 then
+        local c = z.cells
+        c[off + idx] = set and v or c[off + idx] + v
+        return
+    end
+    local sh = z.live_shared
+    local sp = z.spare
+    if sp > 0 then
+        if set then
+            C.shmprom_cell_set(z.ptr, 0, idx + sp, v - (sh[idx] or 0))
+        else
+            C.shmprom_cell_add(z.ptr, 0, idx + sp, v)
         end
-        if z.spare > 0 then
-            return live_shared_add(z, idx, v, set)
-        end
+        return
     end
     if set then
         v = v - (sh[idx] or 0)
