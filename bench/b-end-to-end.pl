@@ -51,6 +51,13 @@ EOL
     readme => <<'EOL',
         log_by_lua_block {
             local host = ngx.var.host
+            metric_requests:inc(1, host, ngx.status)
+            metric_latency:observe(ngx.now() - ngx.req.start_time(), host)
+        }
+EOL
+    readme_tables => <<'EOL',
+        log_by_lua_block {
+            local host = ngx.var.host
             metric_requests:inc(1, {host, ngx.status})
             metric_latency:observe(ngx.now() - ngx.req.start_time(), {host})
         }
@@ -77,12 +84,13 @@ EOL
 my %DESC = (
     plain => 'plain nginx: `return 200 "hello\n"`, no log_by_lua',
     vars => 'same + log_by_lua doing the README example\'s reads (`ngx.var.host`, `ngx.status`, `ngx.now() - ngx.req.start_time()`), recording nothing',
-    readme => 'same + the README example (counter inc by {host,status}, histogram observe by {host} of the request time, 19 buckets; label tables built per call)',
+    readme => 'same + the README example (counter inc by host and status, histogram observe by host of the request time, 19 buckets; label values as arguments)',
+    readme_tables => 'same + the README example with its label values in a table built per call (`inc(1, {host, ngx.status})`, as nginx-lua-prometheus takes them)',
     vars_ngxvar => 'same + log_by_lua doing nginx-lua-prometheus\'s README reads (`ngx.var.server_name` twice, `.status`, `.request_time`), recording nothing',
     readme_ngxvar => 'same + those four `ngx.var` reads and the same two metric calls with shmprom',
     peer_readme => 'same + nginx-lua-prometheus\'s README example (PEER_LUA_PATH): the four `ngx.var` reads and the two calls',
 );
-my @CONFIGS = qw(plain vars readme vars_ngxvar readme_ngxvar);
+my @CONFIGS = qw(plain vars readme readme_tables vars_ngxvar readme_ngxvar);
 push @CONFIGS, 'peer_readme' if $PEER;
 
 sub micro {
@@ -432,7 +440,7 @@ if ($only eq 'all' || $only eq 'micro') {
     my $wrk_cmd = $runs->{plain}[0]{cmd};
     $wrk_cmd =~ s/:\d+\//:PORT\//;
     my $total = 0;
-    $total += $_->{requests} for map { @{ $runs->{$_} } } qw(readme readme_ngxvar);
+    $total += $_->{requests} for map { @{ $runs->{$_} } } qw(readme readme_tables readme_ngxvar);
     $md .= "### README example\n\n";
     $md .= "One nginx, 2 workers, `access_log off`, one server per config (same content "
          . "handler `return 200 \"hello\\n\"`, `server_name bench`); command per run: `$wrk_cmd` "
@@ -444,6 +452,7 @@ if ($only eq 'all' || $only eq 'micro') {
     $md .= "\nRatios (per round against the baseline of the same round, median; CPU ratio = "
          . "baseline CPU/req / config CPU/req, so 1.00 = no extra CPU):\n\n";
     my @pairs = ([ 'readme', 'vars', 0.98 ], [ 'readme', 'plain', 0.87 ], [ 'vars', 'plain' ],
+                 [ 'readme_tables', 'vars' ], [ 'readme_tables', 'readme' ],
                  [ 'readme_ngxvar', 'vars_ngxvar' ], [ 'readme_ngxvar', 'plain' ],
                  [ 'vars_ngxvar', 'plain' ]);
     push @pairs, [ 'peer_readme', 'vars_ngxvar' ], [ 'peer_readme', 'plain' ],
@@ -452,7 +461,7 @@ if ($only eq 'all' || $only eq 'micro') {
     $md .= md_table([ 'pair', 'req/s ratio', 'range', 'target', 'CPU/req ratio', 'CPU target' ], @rr);
     for (@rr) { $summary{$_->[0]} = $_->[1] }
     $md .= "\nThe shmprom counter `nginx_http_requests_total` holds " . fmt_num($counted, 9)
-         . " requests; wrk completed " . fmt_num($total, 9) . " on the readme and readme_ngxvar ports "
+         . " requests; wrk completed " . fmt_num($total, 9) . " on the readme, readme_tables and readme_ngxvar ports "
          . "(the difference is the warm-up runs and requests in flight when wrk stops).\n\n";
     $md .= "Log-phase code of each config:\n\n";
     for my $c (@CONFIGS) {

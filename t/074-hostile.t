@@ -30,6 +30,7 @@ my $init = <<'LUA';
         m_h     = metrics:histogram("t_hist_seconds", "A histogram.", {"v"}, {0.1, 1})
         m_lv    = metrics:counter("t_lv_total", "Label values from the request.", {"v"})
         m_many  = metrics:counter("t_many_total", "10k label sets.", {"i"})
+        m_five  = metrics:counter("t_five_total", "Five labels.", {"a", "b", "c", "d", "e"})
 
         local nan, inf = 0/0, math.huge
         -- update cases: name -> function returning ok, err (never raising)
@@ -38,6 +39,12 @@ my $init = <<'LUA';
             labels_too_many  = function() return m_two:inc(1, {"x", "y", "z"}) end,
             labels_missing   = function() return m_two:inc(1) end,
             labels_string    = function() return m_two:inc(1, "x") end,
+            args_too_many    = function() return m_two:inc(1, "x", "y", "z") end,
+            args_unwanted    = function() return m_plain:inc(1, "x") end,
+            args_boolean     = function() return m_one:inc(1, true) end,
+            args_nan         = function() return m_h:observe(1, nan) end,
+            args_five        = function() return m_five:inc(1, "a", "b", "c", "d") end,
+            args_ok          = function() return m_one:inc(2, "args") end,
             labels_unwanted  = function() return m_plain:inc(1, {"x"}) end,
             label_nil        = function() return m_two:inc(1, {nil, "y"}) end,
             label_nil_last   = function() return m_two:inc(1, {"x", nil}) end,
@@ -211,8 +218,15 @@ my $p0 = scrape() or BAIL_OUT('no /metrics');
 my @update_cases = (
     [ labels_too_few   => qr/t_two_total: expected 2 label values, got 1/, 'bad_labels' ],
     [ labels_too_many  => qr/t_two_total: expected 2 label values, got more/, 'bad_labels' ],
-    [ labels_missing   => qr/t_two_total: label values must be a table of 2 values, got nil/, 'bad_labels' ],
-    [ labels_string    => qr/t_two_total: label values must be a table/, 'bad_labels' ],
+    [ labels_missing   => qr/t_two_total: expected 2 label values, got 0/, 'bad_labels' ],
+    # label values may also follow the value as arguments (up to 4)
+    [ labels_string    => qr/t_two_total: expected 2 label values, got 1/, 'bad_labels' ],
+    [ args_too_many    => qr/t_two_total: expected 2 label values, got more/, 'bad_labels' ],
+    [ args_unwanted    => qr/t_plain_total: takes no label values/, 'bad_labels' ],
+    [ args_boolean     => qr/label value for 'v' is a boolean, expected a string or number/, 'bad_labels' ],
+    [ args_nan         => qr/label value for 'v' is not a finite number/, 'bad_labels' ],
+    [ args_five        => qr/t_five_total: takes 5 label values: pass more than 4 as a table/, 'bad_labels' ],
+    [ args_ok          => 'OK' ],
     [ labels_unwanted  => qr/t_plain_total: takes no label values/, 'bad_labels' ],
     [ label_nil        => qr/t_two_total: expected 2 label values, got 0/, 'bad_labels' ],
     [ label_nil_last   => qr/t_two_total: expected 2 label values, got 1/, 'bad_labels' ],
@@ -396,6 +410,7 @@ subtest 'nothing else lost or added' => sub {
     is(metric_value($p, 't_ctl_total'), $sent, "control counter == $sent requests");
     is(scalar(metric_series($p, 't_two_total')), 0, 't_two_total: no series from the wrong calls');
     is(metric_value($p, 't_plain_total'), 0, 't_plain_total untouched');
+    is(metric_value($p, 't_one_total', v => 'args'), 2, 'label values as arguments: counted');
     is(metric_value($p, 't_one_total', v => 'n'), undef, 'refused increments made no series');
     is(metric_value($p, 't_one_total', v => 'hd'), 0, 'refused handle increments left the series at 0');
     is(metric_value($p, 't_hist_seconds_count', v => 'h'), undef, 'refused observations made no series');

@@ -40,6 +40,9 @@ local PREFAULT_ALLOCATE_TABLE, PREFAULT_MAP_TABLE = 2, 3
 local PREFAULT_METHODS = { [0] = "madvise", [1] = "touch" }
 -- Entries in a family's label cache before it is dropped and rebuilt.
 local MAX_CACHE = 65536
+-- Label values given as arguments (c:inc(1, a, b)): up to this many; a
+-- family with more labels takes them as a table.
+local MAX_ARGS = 4
 -- Seconds between two error-log lines of the same kind, per worker.
 local LOG_INTERVAL = 1
 
@@ -444,6 +447,8 @@ Gauge.__index = Gauge
 local Histogram = setmetatable({}, Family)
 Histogram.__index = Histogram
 
+local HOT_METHODS = { "inc", "dec", "set", "observe" }
+
 local KIND_NAMES = { [KIND_COUNTER] = "counter", [KIND_GAUGE] = "gauge",
                      [KIND_HISTOGRAM] = "histogram" }
 local CLASSES = { [KIND_COUNTER] = Counter, [KIND_GAUGE] = Gauge,
@@ -593,6 +598,14 @@ local function define(z, kind, name, help, labels, buckets, opts, level)
         lens = ffi_new("size_t[?]", nl + 1),
         anchor = {},
     }, CLASSES[kind])
+    -- The update methods as fields of the object itself: log_by_lua* chunks
+    -- run in LuaJIT's interpreter (a chunk is a vararg function, which
+    -- starts no trace), where `f:inc` found through the metatable costs a
+    -- metamethod lookup on every call.
+    for i = 1, #HOT_METHODS do
+        local m = HOT_METHODS[i]
+        f[m] = rawget(CLASSES[kind], m)
+    end
     if kind == KIND_HISTOGRAM then
         local steps = 1
         while 2 ^ steps < #bl + 1 do
@@ -764,6 +777,61 @@ local function series(f, lv)
     return idx
 end
 
+-- The series index of (f, label values given as arguments a..d): the
+-- per-worker cache, else the miss path with the values packed in a table.
+-- e is one past the most values a family takes this way (MAX_ARGS): a
+-- value there means too many. No table is built on a hit.
+local function series_args(f, a, b, c, d, e)
+    local z = f.zone
+    if z.epoch_ptr[0] ~= z.epoch then
+        refresh(z)
+    end
+    local n = f.nlabels
+    local idx
+    if n == 0 then
+        idx = f.idx0
+        if idx and a == nil then
+            return idx
+        end
+        return miss(f, a ~= nil and { a } or nil)
+    elseif n > MAX_ARGS then
+        if a == nil then
+            return miss(f, nil)
+        end
+        return bad(f, ERR_BAD_LABELS, "takes " .. n .. " label values: pass "
+                   .. "more than " .. MAX_ARGS .. " as a table")
+    end
+    local t = f.cache
+    if n == 1 then
+        idx = t[a]
+        if idx ~= nil and b == nil then
+            return idx
+        end
+    elseif n == 2 then
+        t = t[a]
+        idx = t and t[b]
+        if idx ~= nil and c == nil then
+            return idx
+        end
+    elseif n == 3 then
+        t = t[a]
+        t = t and t[b]
+        idx = t and t[c]
+        if idx ~= nil and d == nil then
+            return idx
+        end
+    else
+        t = t[a]
+        t = t and t[b]
+        t = t and t[c]
+        idx = t and t[d]
+        if idx ~= nil and e == nil then
+            return idx
+        end
+    end
+    return miss(f, { a, b, c, d, e })
+end
+
 -- Adds v to cell idx of this worker's plane (plain store) or, without a
 -- plane, to the shared plane (atomic).
 local function add(z, idx, v)
@@ -866,14 +934,20 @@ local function check_finite(v)
 end
 
 --- counter:inc(value?, label_values?) -> true | nil, err
-function Counter:inc(v, lv)
+--- counter:inc(value?, v1, v2, ...) -> true | nil, err
+function Counter:inc(v, a, b, c, d, e)
     if v == nil then
         v = 1
     elseif not check_inc(v) then
         return bad(self, ERR_BAD_VALUE, "counter increment must be a "
                    .. "finite number >= 0, got " .. tostring(v))
     end
-    local idx, err = series(self, lv)
+    local idx, err
+    if type(a) == "table" then
+        idx, err = series(self, a)
+    else
+        idx, err = series_args(self, a, b, c, d, e)
+    end
     if not idx then
         return nil, err
     end
@@ -882,12 +956,18 @@ function Counter:inc(v, lv)
 end
 
 --- gauge:set(value, label_values?) -> true | nil, err
-function Gauge:set(v, lv)
+--- gauge:set(value, v1, v2, ...) -> true | nil, err
+function Gauge:set(v, a, b, c, d, e)
     if type(v) ~= "number" then
         return bad(self, ERR_BAD_VALUE, "gauge value must be a number, got "
                    .. type(v))
     end
-    local idx, err = series(self, lv)
+    local idx, err
+    if type(a) == "table" then
+        idx, err = series(self, a)
+    else
+        idx, err = series_args(self, a, b, c, d, e)
+    end
     if not idx then
         return nil, err
     end
@@ -896,14 +976,19 @@ function Gauge:set(v, lv)
 end
 
 -- gauge:inc and gauge:dec: sign 1 or -1.
-local function gauge_step(self, v, lv, sign, what)
+local function gauge_step(self, sign, what, v, a, b, c, d, e)
     if v == nil then
         v = 1
     elseif not check_finite(v) then
         return bad(self, ERR_BAD_VALUE, "gauge " .. what .. " must be a "
                    .. "finite number, got " .. tostring(v))
     end
-    local idx, err = series(self, lv)
+    local idx, err
+    if type(a) == "table" then
+        idx, err = series(self, a)
+    else
+        idx, err = series_args(self, a, b, c, d, e)
+    end
     if not idx then
         return nil, err
     end
@@ -912,22 +997,30 @@ local function gauge_step(self, v, lv, sign, what)
 end
 
 --- gauge:inc(value?, label_values?) -> true | nil, err
-function Gauge:inc(v, lv)
-    return gauge_step(self, v, lv, 1, "increment")
+--- gauge:inc(value?, v1, v2, ...) -> true | nil, err
+function Gauge:inc(v, a, b, c, d, e)
+    return gauge_step(self, 1, "increment", v, a, b, c, d, e)
 end
 
 --- gauge:dec(value?, label_values?) -> true | nil, err
-function Gauge:dec(v, lv)
-    return gauge_step(self, v, lv, -1, "decrement")
+--- gauge:dec(value?, v1, v2, ...) -> true | nil, err
+function Gauge:dec(v, a, b, c, d, e)
+    return gauge_step(self, -1, "decrement", v, a, b, c, d, e)
 end
 
 --- histogram:observe(value, label_values?) -> true | nil, err
-function Histogram:observe(v, lv)
+--- histogram:observe(value, v1, v2, ...) -> true | nil, err
+function Histogram:observe(v, a, b, c, d, e)
     if not check_finite(v) then
         return bad(self, ERR_BAD_VALUE, "observation must be a finite "
                    .. "number, got " .. tostring(v))
     end
-    local idx, err = series(self, lv)
+    local idx, err
+    if type(a) == "table" then
+        idx, err = series(self, a)
+    else
+        idx, err = series_args(self, a, b, c, d, e)
+    end
     if not idx then
         return nil, err
     end

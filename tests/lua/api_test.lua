@@ -36,6 +36,50 @@ assert(temp:set(-1/0, {"cold"}))
 assert(plain:inc())
 assert(dflt:observe(0.3))
 
+-- label values as arguments after the value: the same series as a table's
+local areqs = m:counter("arg_requests_total", "HTTP requests", {"host", "status"})
+local alat = m:histogram("arg_duration_seconds", "Latency", {"host"},
+                         {0.005, 0.01, 0.05, 0.1})
+local aplain = m:counter("arg_plain_total", "No labels")
+local five = m:counter("five_labels_total", "Five labels", {"a", "b", "c", "d", "e"})
+local four = m:counter("four_labels_total", "Four labels", {"a", "b", "c", "d"})
+local three = m:gauge("three_labels", "Three labels", {"a", "b", "c"})
+for _ = 1, 100 do
+    assert(areqs:inc(1, "args.org", 200))
+    assert(areqs:inc(1, {"args.org", "200"}))
+    assert(areqs:inc(nil, "args.org", "200"))
+    assert(alat:observe(0.02, "args.org"))
+    assert(four:inc(1, "w", "x", "y", "z"))
+    assert(three:inc(2, "x", "y", 3))
+    assert(three:dec(1, "x", "y", 3))
+    assert(aplain:inc(1))
+end
+assert(areqs:value({"args.org", "200"}) == 300)
+assert(alat:value({"args.org"}, 2) == 100, "0.02 in the third bucket")
+assert(four:value({"w", "x", "y", "z"}) == 100)
+assert(three:set(7, "x", "y", 3))
+assert(three:value({"x", "y", "3"}) == 7)
+assert(aplain:value() == 100)
+-- too few, too many, wrong types, more than four as arguments: nil, err
+local function fails(pat, ok, err)
+    assert(ok == nil, "expected a failure like " .. pat)
+    assert(err:find(pat), err)
+end
+fails("expected 2 label values, got 1", areqs:inc(1, "args.org"))
+fails("expected 2 label values, got 0", areqs:inc(1))
+fails("expected 2 label values, got more", areqs:inc(1, "args.org", 200, "x"))
+fails("expected 4 label values, got more", four:inc(1, "w", "x", "y", "z", "v"))
+fails("takes no label values", aplain:inc(1, "x"))
+fails("label value for 'status' is a boolean", areqs:inc(1, "args.org", true))
+fails("label value for 'host' is not a finite number", alat:observe(1, 0/0))
+fails("pass more than 4 as a table", five:inc(1, "a", "b", "c", "d"))
+fails("label values must be a table of 5 values, got nil", five:inc(1))
+assert(five:inc(1, {"a", "b", "c", "d", "e"}))
+assert(areqs:value({"args.org", "200"}) == 300, "failed calls count nothing")
+-- the update methods are fields of the object (no metamethod per call)
+assert(rawget(reqs, "inc") and rawget(lat, "observe") and rawget(temp, "set"))
+assert(rawget(reqs, "observe") == nil and rawget(lat, "inc") == nil)
+
 -- handles
 local h = reqs:labels("example.org", "500")
 for _ = 1, 10 do assert(h:inc()) end
