@@ -11,12 +11,13 @@
 //! worker as cell indices, dropped when the zone's epoch moves (series
 //! deleted or families retired), exactly as the Lua wrapper's caches are.
 
-use crate::cells::{claim_plane, claim_spare, f64_add, spare_held};
+use crate::cells::{claim_spare, f64_add, spare_held};
 use crate::registry::{self, Kind, MODE_LIVESUM};
+use crate::writer::{pid, Claim, PlaneWriter};
 use crate::zone::Zone;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 /// The operations, in the order of the preset's `OP_NAMES`.
 pub const OPS: [&str; 11] = [
@@ -164,17 +165,6 @@ struct Hist {
     bounds: Vec<f64>,
 }
 
-impl Hist {
-    /// The 0-based bucket of `v`: the first bound >= v, or the +Inf bucket.
-    fn bucket(&self, v: f64) -> u64 {
-        self.bounds.partition_point(|&b| b < v) as u64
-    }
-    /// The sum cell's offset from the series' first cell.
-    fn sum_at(&self) -> u64 {
-        self.bounds.len() as u64 + 1
-    }
-}
-
 /// Error from [`Gateway::new`].
 #[derive(Debug)]
 pub struct ShapeError(pub String);
@@ -182,18 +172,12 @@ pub struct ShapeError(pub String);
 /// Per-process recording state of the gateway preset.
 pub struct Gateway {
     zone: Zone,
-    /// Cell 0 of this process's plane (null while it has none).
-    own: *mut u64,
-    /// Cells per plane (an index below it is inside every plane).
-    cells_cap: u64,
+    w: PlaneWriter,
     fam: [u32; 10],
     duration: Hist,
     size: Hist,
     updur: Hist,
     epoch: u32,
-    plane: u32,
-    /// When to try claiming a plane again (seconds of the zone clock).
-    next_claim: u32,
     /// The spare owner record this process holds while it has no plane
     /// (0: none): its in-flight share goes to the spare's cell.
     spare: u32,
@@ -240,18 +224,14 @@ impl Gateway {
         }
         let [d, s, u] = bounds;
         let epoch = zone.header().epoch.load(Ordering::Acquire);
-        let cells_cap = zone.header().cells_cap;
         Ok(Gateway {
+            w: PlaneWriter::new(&zone),
             zone,
-            own: std::ptr::null_mut(),
-            cells_cap,
             fam,
             duration: Hist { bounds: d },
             size: Hist { bounds: s },
             updur: Hist { bounds: u },
             epoch,
-            plane: 0,
-            next_claim: 0,
             spare: 0,
             live_shared: 0.0,
             in_flight: NONE,
@@ -268,7 +248,7 @@ impl Gateway {
 
     /// This process's plane (0: the shared plane, atomically).
     pub fn plane(&self) -> u32 {
-        self.plane
+        self.w.plane()
     }
 
     /// Drops the caches when series were deleted or families retired, and
@@ -284,62 +264,36 @@ impl Gateway {
             self.nodes.clear();
             self.in_flight = NONE;
         }
-        if self.plane == 0 {
-            let now = crate::zone::now_secs();
-            if now >= self.next_claim {
-                self.next_claim = now.saturating_add(1);
-                // SAFETY: getpid has no preconditions.
-                let pid = unsafe { libc::getpid() } as u32;
-                self.plane = claim_plane(&self.zone, pid);
-                if self.plane > 0 {
-                    self.own = self.zone.cell_ptr(self.plane, 0);
+        if !self.w.has_plane() {
+            match self.w.claim(&self.zone) {
+                Claim::Held => {
                     // the claim moved the spare's shares to the plane and
                     // gave the spare back
                     self.spare = 0;
-                } else if self.spare == 0 {
-                    self.spare = claim_spare(&self.zone, pid);
-                }
-                if self.plane > 0 && self.live_shared != 0.0 {
-                    if let Some(idx) = self.in_flight_idx() {
-                        let net = self.live_shared;
-                        self.live_shared = 0.0;
-                        f64_add(self.zone.cell(0, idx), -net);
-                        self.add_own(idx, net);
+                    if self.live_shared != 0.0 {
+                        if let Some(idx) = self.in_flight_idx() {
+                            let net = self.live_shared;
+                            self.live_shared = 0.0;
+                            f64_add(self.zone.cell(0, idx), -net);
+                            self.w.add_own(idx, net);
+                        }
                     }
                 }
+                Claim::Refused if self.spare == 0 => {
+                    self.spare = claim_spare(&self.zone, pid());
+                }
+                _ => {}
             }
         }
     }
 
-    /// Adds to a cell of this process's plane (plain load and store: only
-    /// this process writes its plane) or of the shared plane (atomic).
     #[inline]
     fn add(&self, idx: u64, v: f64) {
-        if !self.own.is_null() {
-            self.add_own(idx, v);
-        } else {
-            f64_add(self.zone.cell(0, idx), v);
-        }
-    }
-
-    #[inline]
-    fn add_own(&self, idx: u64, v: f64) {
-        if idx >= self.cells_cap || self.own.is_null() {
-            return;
-        }
-        // SAFETY: own is cell 0 of this process's plane and idx < cells_cap
-        // keeps the cell inside it; cells are 8-aligned; AtomicU64 has the
-        // layout of u64, and only this process writes its plane (readers
-        // load whole 8-byte values).
-        let c = unsafe { &*(self.own.add(idx as usize) as *const AtomicU64) };
-        let cur = f64::from_bits(c.load(Ordering::Relaxed));
-        c.store((cur + v).to_bits(), Ordering::Relaxed);
+        self.w.add(&self.zone, idx, v);
     }
 
     fn observe(&self, h: &Hist, idx: u32, v: f64) {
-        let idx = idx as u64;
-        self.add(idx + h.bucket(v), 1.0);
-        self.add(idx + h.sum_at(), v);
+        self.w.observe(&self.zone, idx as u64, &h.bounds, v);
     }
 
     fn series(&self, f: usize, values: &[&[u8]]) -> u32 {
@@ -359,19 +313,15 @@ impl Gateway {
         let Some(idx) = self.in_flight_idx() else {
             return;
         };
-        if self.own.is_null() && self.spare > 0 {
-            // SAFETY: getpid has no preconditions.
-            let pid = unsafe { libc::getpid() } as u32;
-            if !spare_held(&self.zone, self.spare, pid) {
-                // the Lua wrapper in this process claimed the plane since,
-                // which gave the spare back: claim now (the same plane)
-                self.spare = 0;
-                self.next_claim = 0;
-                self.refresh();
-            }
+        if !self.w.has_plane() && self.spare > 0 && !spare_held(&self.zone, self.spare, pid()) {
+            // the Lua wrapper in this process claimed the plane since,
+            // which gave the spare back: claim now (the same plane)
+            self.spare = 0;
+            self.w.retry_now();
+            self.refresh();
         }
-        if !self.own.is_null() {
-            self.add_own(idx, v);
+        if self.w.has_plane() {
+            self.w.add_own(idx, v);
             return;
         }
         if self.spare > 0 {
@@ -529,19 +479,6 @@ mod tests {
         assert_eq!(OPS[classify(b"OPTIONS", None)], "meta");
         assert_eq!(OPS[classify(b"get", None)], "other");
         assert_eq!(OPS[classify(b"BREW", None)], "other");
-    }
-
-    #[test]
-    fn bucket_is_the_first_bound_at_or_above() {
-        let h = Hist {
-            bounds: vec![1.0, 2.0, 5.0],
-        };
-        assert_eq!(h.bucket(0.5), 0);
-        assert_eq!(h.bucket(1.0), 0);
-        assert_eq!(h.bucket(1.5), 1);
-        assert_eq!(h.bucket(5.0), 2);
-        assert_eq!(h.bucket(6.0), 3);
-        assert_eq!(h.sum_at(), 4);
     }
 
     use crate::expose::{render, Format};

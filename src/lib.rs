@@ -17,6 +17,7 @@
 //! - [`check`]: consistency check of a zone
 //! - [`ttl`]: idle-series expiry
 //! - [`gateway`]: the gateway preset's per-request recording for the nginx module
+//! - [`writer`]: a recorder's writes into its process's plane
 //! - [`ffi`]: the C ABI (include/shmprom.h)
 
 // Under `--cfg loom` only the lock-free table, the plane owner protocol and
@@ -40,5 +41,7 @@ pub mod series;
 mod sync;
 #[cfg(not(loom))]
 pub mod ttl;
+#[cfg(not(loom))]
+pub mod writer;
 #[cfg(not(loom))]
 pub mod zone;
