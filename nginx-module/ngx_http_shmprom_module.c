@@ -28,17 +28,68 @@
  * $bytes_sent, $body_bytes_sent, $request_completion, $content_length and
  * $upstream_addr / $upstream_status / $upstream_response_time, without
  * formatting those variables.
+ *
+ * Any counter or histogram defined with resty.shmprom can be recorded the
+ * same way, without Lua in the log phase:
+ *
+ *   shmprom_inc     http_requests_total host=$host status=$status;
+ *   shmprom_inc     http_sent_bytes_total $bytes_sent host=$host;
+ *   shmprom_observe http_request_duration_seconds $request_time host=$host;
+ *
+ * (http, server, location; a level with none of its own inherits its
+ * parent's). The metric is found by name in the zones resty.shmprom's
+ * new() opened in init_by_lua (each new() attaches its zone through
+ * ngx_http_shmprom_attach); that happens when nginx reads the
+ * configuration, in this module's postconfiguration, after the lua
+ * module's has run init_by_lua (the lua module is a filter with a place in
+ * nginx's module order, so it comes first whichever load_module line
+ * does; checked), and a wrong name, kind or label set fails the start or
+ * the reload. Label values and the value are nginx complex values evaluated in
+ * the log phase of each main request; $request_time alone is read as
+ * nginx keeps it, not formatted and parsed.
  */
 
 #include <ngx_config.h>
 #include <ngx_core.h>
 #include <ngx_http.h>
+#include <math.h>
 
 #include "shmprom.h"
 
 
 /* attempts of one request handed over; more are not recorded */
 #define NGX_HTTP_SHMPROM_MAX_ATTEMPTS  64
+
+/* label values of one shmprom_inc / shmprom_observe */
+#define NGX_HTTP_SHMPROM_MAX_LABELS  16
+
+/* longest value text parsed as a number ($bytes_sent and the like) */
+#define NGX_HTTP_SHMPROM_MAX_NUMBER  63
+
+
+typedef struct {
+    ngx_str_t                   name;
+    ngx_http_complex_value_t    value;
+} ngx_http_shmprom_label_t;
+
+
+/* one shmprom_inc or shmprom_observe */
+typedef struct {
+    ngx_str_t                   metric;
+    ngx_uint_t                  observe;      /* 0: shmprom_inc */
+    ngx_http_complex_value_t   *value;        /* NULL: constant */
+    double                      constant;
+    ngx_uint_t                  request_time; /* the value is $request_time */
+    ngx_array_t                 labels;       /* ngx_http_shmprom_label_t */
+    u_char                     *file;
+    ngx_uint_t                  line;
+
+    /* found after init_by_lua; NULL: not recorded */
+    shmprom_rec_hooks          *hooks;
+    uint32_t                    family;
+    uint32_t                    nlabels;
+    ngx_http_complex_value_t  **order;        /* in the family's order */
+} ngx_http_shmprom_rule_t;
 
 
 typedef struct {
@@ -48,11 +99,19 @@ typedef struct {
     shmprom_gw_hooks  hooks;
     /* servers and locations with "shmprom_gateway on" */
     ngx_uint_t        enabled;
+    /* the zones' directive recorders attached by resty.shmprom's new()
+     * (shmprom_rec_hooks), and every shmprom_inc / shmprom_observe of the
+     * configuration (ngx_http_shmprom_rule_t *) */
+    ngx_array_t       zones;
+    ngx_array_t       rules;
+    ngx_pool_t       *pool;
 } ngx_http_shmprom_main_conf_t;
 
 
 typedef struct {
-    ngx_flag_t  gateway;
+    ngx_flag_t    gateway;
+    /* ngx_http_shmprom_rule_t *; NULL: the parent's */
+    ngx_array_t  *rules;
 } ngx_http_shmprom_loc_conf_t;
 
 
@@ -63,11 +122,16 @@ static char *ngx_http_shmprom_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static char *ngx_http_shmprom_gateway(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_shmprom_resolve(ngx_conf_t *cf,
+    ngx_http_shmprom_main_conf_t *mcf);
 static ngx_int_t ngx_http_shmprom_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_shmprom_init_process(ngx_cycle_t *cycle);
 static void ngx_http_shmprom_forget(void *data);
 
 int ngx_http_shmprom_gateway_attach(const shmprom_gw_hooks *hooks);
+int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);
 
 
 /* the main configuration of the http block being read (init_by_lua runs
@@ -82,6 +146,20 @@ static ngx_command_t  ngx_http_shmprom_commands[] = {
       ngx_http_shmprom_gateway,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_shmprom_loc_conf_t, gateway),
+      NULL },
+
+    { ngx_string("shmprom_inc"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_shmprom_rule,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("shmprom_observe"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_2MORE,
+      ngx_http_shmprom_rule,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      1,
       NULL },
 
       ngx_null_command
@@ -144,6 +222,59 @@ ngx_http_shmprom_gateway_attach(const shmprom_gw_hooks *hooks)
 }
 
 
+/*
+ * Called by resty.shmprom's new() through LuaJIT FFI, in init_by_lua (the
+ * master), for each zone it opens. Returns how many shmprom_inc /
+ * shmprom_observe the configuration has, or -1 when the hooks are not of
+ * the ABI this module was built with (or no configuration is being read).
+ */
+int
+ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks)
+{
+    ngx_uint_t                     i;
+    shmprom_rec_hooks             *h;
+    ngx_http_shmprom_main_conf_t  *mcf = ngx_http_shmprom_reading;
+
+    if (mcf == NULL || hooks == NULL || hooks->abi != SHMPROM_ABI_VERSION
+        || hooks->rec == NULL || hooks->find == NULL || hooks->label == NULL
+        || hooks->record == NULL)
+    {
+        return -1;
+    }
+
+    h = mcf->zones.elts;
+    for (i = 0; i < mcf->zones.nelts; i++) {
+        if (h[i].rec == hooks->rec) {
+            return (int) mcf->rules.nelts;
+        }
+    }
+
+    h = ngx_array_push(&mcf->zones);
+    if (h == NULL) {
+        return -1;
+    }
+
+    *h = *hooks;
+
+    /* the caller's string lives only for the call */
+    h->zone = NULL;
+    h->zone_len = 0;
+
+    if (hooks->zone && hooks->zone_len) {
+        h->zone = ngx_pnalloc(mcf->pool, hooks->zone_len);
+        if (h->zone == NULL) {
+            mcf->zones.nelts--;
+            return -1;
+        }
+
+        ngx_memcpy((char *) h->zone, hooks->zone, hooks->zone_len);
+        h->zone_len = hooks->zone_len;
+    }
+
+    return (int) mcf->rules.nelts;
+}
+
+
 static void *
 ngx_http_shmprom_create_main_conf(ngx_conf_t *cf)
 {
@@ -164,6 +295,17 @@ ngx_http_shmprom_create_main_conf(ngx_conf_t *cf)
 
     cln->handler = ngx_http_shmprom_forget;
     cln->data = mcf;
+
+    if (ngx_array_init(&mcf->zones, cf->pool, 2, sizeof(shmprom_rec_hooks))
+        != NGX_OK
+        || ngx_array_init(&mcf->rules, cf->pool, 4,
+                          sizeof(ngx_http_shmprom_rule_t *))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    mcf->pool = cf->pool;
 
     ngx_http_shmprom_reading = mcf;
 
@@ -201,6 +343,7 @@ ngx_http_shmprom_create_loc_conf(ngx_conf_t *cf)
     }
 
     conf->gateway = NGX_CONF_UNSET;
+    /* conf->rules = NULL: the parent's */
 
     return conf;
 }
@@ -213,6 +356,10 @@ ngx_http_shmprom_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_shmprom_loc_conf_t  *conf = child;
 
     ngx_conf_merge_value(conf->gateway, prev->gateway, 0);
+
+    if (conf->rules == NULL) {
+        conf->rules = prev->rules;
+    }
 
     return NGX_CONF_OK;
 }
@@ -233,6 +380,404 @@ ngx_http_shmprom_gateway(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     return rv;
+}
+
+
+/* a label name: [a-zA-Z_][a-zA-Z0-9_]* */
+static ngx_uint_t
+ngx_http_shmprom_label_name(u_char *p, size_t len)
+{
+    size_t  i;
+
+    if (len == 0 || (p[0] >= '0' && p[0] <= '9')) {
+        return 0;
+    }
+
+    for (i = 0; i < len; i++) {
+        if (!((p[i] >= 'a' && p[i] <= 'z') || (p[i] >= 'A' && p[i] <= 'Z')
+              || (p[i] >= '0' && p[i] <= '9') || p[i] == '_'))
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+/* the number in (p, len), all of it; NaN when it is not one */
+static double
+ngx_http_shmprom_number(u_char *p, size_t len)
+{
+    char    *end;
+    double   v;
+    u_char   buf[NGX_HTTP_SHMPROM_MAX_NUMBER + 1];
+
+    if (len == 0 || len > NGX_HTTP_SHMPROM_MAX_NUMBER) {
+        return NAN;
+    }
+
+    ngx_memcpy(buf, p, len);
+    buf[len] = '\0';
+
+    v = strtod((char *) buf, &end);
+
+    if (end != (char *) buf + len) {
+        return NAN;
+    }
+
+    return v;
+}
+
+
+/*
+ * shmprom_inc metric [value] [label=value ...];
+ * shmprom_observe metric value [label=value ...];
+ */
+static char *
+ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_shmprom_loc_conf_t  *lcf = conf;
+
+    u_char                            *eq;
+    ngx_str_t                         *args, *value, name, text;
+    ngx_uint_t                         i, j;
+    ngx_http_shmprom_rule_t           *rule, **rp;
+    ngx_http_shmprom_label_t          *label, *labels;
+    ngx_http_shmprom_main_conf_t      *mcf;
+    ngx_http_compile_complex_value_t   ccv;
+
+    args = cf->args->elts;
+
+    rule = ngx_pcalloc(cf->pool, sizeof(ngx_http_shmprom_rule_t));
+    if (rule == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    rule->metric = args[1];
+    rule->observe = cmd->offset;
+    rule->constant = 1;
+    rule->file = cf->conf_file->file.name.data;
+    rule->line = cf->conf_file->line;
+
+    if (ngx_array_init(&rule->labels, cf->pool, 4,
+                       sizeof(ngx_http_shmprom_label_t))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    value = NULL;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+        eq = ngx_strlchr(args[i].data, args[i].data + args[i].len, '=');
+
+        if (eq == NULL
+            || !ngx_http_shmprom_label_name(args[i].data, eq - args[i].data))
+        {
+            if (value) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"%V\" takes one value, then "
+                                   "label=value pairs: \"%V\" is a second "
+                                   "value", &cmd->name, &args[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            value = &args[i];
+            continue;
+        }
+
+        name.data = args[i].data;
+        name.len = eq - args[i].data;
+        text.data = eq + 1;
+        text.len = args[i].len - name.len - 1;
+
+        labels = rule->labels.elts;
+        for (j = 0; j < rule->labels.nelts; j++) {
+            if (labels[j].name.len == name.len
+                && ngx_strncmp(labels[j].name.data, name.data, name.len) == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"%V\": label \"%V\" given twice",
+                                   &cmd->name, &name);
+                return NGX_CONF_ERROR;
+            }
+        }
+
+        if (rule->labels.nelts == NGX_HTTP_SHMPROM_MAX_LABELS) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\": more than %d labels",
+                               &cmd->name, NGX_HTTP_SHMPROM_MAX_LABELS);
+            return NGX_CONF_ERROR;
+        }
+
+        label = ngx_array_push(&rule->labels);
+        if (label == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        label->name = name;
+
+        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+        ccv.cf = cf;
+        ccv.value = &text;
+        ccv.complex_value = &label->value;
+
+        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (value == NULL && rule->observe) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" needs a value to observe, such as "
+                           "$request_time", &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (value && value->len == sizeof("$request_time") - 1
+        && ngx_strncmp(value->data, "$request_time", value->len) == 0)
+    {
+        rule->request_time = 1;
+
+    } else if (value && ngx_strlchr(value->data, value->data + value->len,
+                                    '$'))
+    {
+        rule->value = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+        if (rule->value == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+        ccv.cf = cf;
+        ccv.value = value;
+        ccv.complex_value = rule->value;
+
+        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+            return NGX_CONF_ERROR;
+        }
+
+    } else if (value) {
+        rule->constant = ngx_http_shmprom_number(value->data, value->len);
+
+        if (!isfinite(rule->constant)
+            || (!rule->observe && rule->constant < 0))
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\": \"%V\" is not a %s, nor a label=value "
+                               "pair", &cmd->name, value,
+                               rule->observe ? "finite number"
+                                             : "finite number >= 0");
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (lcf->rules == NULL) {
+        lcf->rules = ngx_array_create(cf->pool, 2,
+                                      sizeof(ngx_http_shmprom_rule_t *));
+        if (lcf->rules == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    rp = ngx_array_push(lcf->rules);
+    if (rp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *rp = rule;
+
+    mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_shmprom_module);
+
+    rp = ngx_array_push(&mcf->rules);
+    if (rp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *rp = rule;
+
+    return NGX_CONF_OK;
+}
+
+
+/* an error of one directive, with its place in the configuration */
+static ngx_int_t
+ngx_http_shmprom_rule_error(ngx_conf_t *cf, ngx_http_shmprom_rule_t *rule,
+    const char *what, ngx_str_t *detail)
+{
+    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                  "%s \"%V\": %s%V in %s:%ui",
+                  rule->observe ? "shmprom_observe" : "shmprom_inc",
+                  &rule->metric, what, detail, rule->file, rule->line);
+
+    return NGX_ERROR;
+}
+
+
+/*
+ * Finds every directive's metric in the zones attached during init_by_lua
+ * and puts its label values in the family's order. Runs from this
+ * module's postconfiguration, after the lua module's (which runs
+ * init_by_lua), in the process reading the configuration.
+ */
+static ngx_int_t
+ngx_http_shmprom_resolve(ngx_conf_t *cf, ngx_http_shmprom_main_conf_t *mcf)
+{
+    int                         rc;
+    ngx_str_t                   none = ngx_null_string, zone, other;
+    ngx_uint_t                  i, j, k, lua, self, found;
+    shmprom_str                 lname;
+    shmprom_rec_hooks          *zones;
+    shmprom_rec_family          fam, f;
+    ngx_http_shmprom_rule_t   **rules, *rule;
+    ngx_http_shmprom_label_t   *labels;
+
+    if (mcf->rules.nelts == 0) {
+        return NGX_OK;
+    }
+
+    ngx_memzero(&fam, sizeof(shmprom_rec_family));
+
+    /* the lua module runs init_by_lua neither for "nginx -t" nor for
+     * "nginx -s ...": no zone is attached then, nothing to check */
+    if (ngx_process == NGX_PROCESS_SIGNALLER || ngx_test_config) {
+        return NGX_OK;
+    }
+
+    lua = NGX_CONF_UNSET_UINT;
+    self = NGX_CONF_UNSET_UINT;
+
+    for (i = 0; cf->cycle->modules[i]; i++) {
+        if (cf->cycle->modules[i] == &ngx_http_shmprom_module) {
+            self = i;
+
+        } else if (ngx_strcmp(cf->cycle->modules[i]->name,
+                              "ngx_http_lua_module") == 0)
+        {
+            lua = i;
+        }
+    }
+
+    if (lua == NGX_CONF_UNSET_UINT || lua > self) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "shmprom_inc and shmprom_observe find their metrics "
+                      "in the zones resty.shmprom opens in init_by_lua: "
+                      "load ngx_http_shmprom_module after "
+                      "ngx_http_lua_module");
+        return NGX_ERROR;
+    }
+
+    rules = mcf->rules.elts;
+    zones = mcf->zones.elts;
+
+    for (i = 0; i < mcf->rules.nelts; i++) {
+        rule = rules[i];
+        found = NGX_CONF_UNSET_UINT;
+
+        for (j = 0; j < mcf->zones.nelts; j++) {
+            rc = zones[j].find(zones[j].rec, (const char *) rule->metric.data,
+                               rule->metric.len, &f);
+            if (rc != 0) {
+                continue;
+            }
+
+            if (found != NGX_CONF_UNSET_UINT) {
+                zone.data = (u_char *) zones[found].zone;
+                zone.len = zones[found].zone_len;
+                other.data = (u_char *) zones[j].zone;
+                other.len = zones[j].zone_len;
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "%s \"%V\": defined in zones \"%V\" and "
+                              "\"%V\": the name must be one zone's, in "
+                              "%s:%ui",
+                              rule->observe ? "shmprom_observe"
+                                            : "shmprom_inc",
+                              &rule->metric, &zone, &other, rule->file,
+                              rule->line);
+                return NGX_ERROR;
+            }
+
+            found = j;
+            fam = f;
+        }
+
+        if (found == NGX_CONF_UNSET_UINT) {
+            return ngx_http_shmprom_rule_error(cf, rule,
+                "no such metric in the zones of resty.shmprom's new() "
+                "(define it in init_by_lua)", &none);
+        }
+
+        if (rule->observe && fam.kind != 2) {
+            return ngx_http_shmprom_rule_error(cf, rule,
+                "is not a histogram", &none);
+        }
+
+        if (!rule->observe && fam.kind != 0) {
+            return ngx_http_shmprom_rule_error(cf, rule,
+                "is not a counter", &none);
+        }
+
+        if (fam.nlabels > NGX_HTTP_SHMPROM_MAX_LABELS) {
+            return ngx_http_shmprom_rule_error(cf, rule,
+                "has more labels than a directive takes", &none);
+        }
+
+        rule->order = ngx_pcalloc(cf->pool, (fam.nlabels + 1)
+                                  * sizeof(ngx_http_complex_value_t *));
+        if (rule->order == NULL) {
+            return NGX_ERROR;
+        }
+
+        labels = rule->labels.elts;
+
+        for (k = 0; k < fam.nlabels; k++) {
+            if (zones[found].label(zones[found].rec, fam.id, (uint32_t) k,
+                                   &lname)
+                != 0)
+            {
+                return NGX_ERROR;
+            }
+
+            for (j = 0; j < rule->labels.nelts; j++) {
+                if (labels[j].name.len == lname.len
+                    && ngx_strncmp(labels[j].name.data, lname.data,
+                                   lname.len) == 0)
+                {
+                    rule->order[k] = &labels[j].value;
+                    break;
+                }
+            }
+
+            if (rule->order[k] == NULL) {
+                other.data = (u_char *) lname.data;
+                other.len = lname.len;
+                return ngx_http_shmprom_rule_error(cf, rule,
+                    "no value for its label ", &other);
+            }
+        }
+
+        if (rule->labels.nelts != fam.nlabels) {
+            /* a name the family does not have */
+            for (j = 0; j < rule->labels.nelts; j++) {
+                for (k = 0; k < fam.nlabels; k++) {
+                    if (rule->order[k] == &labels[j].value) {
+                        break;
+                    }
+                }
+
+                if (k == fam.nlabels) {
+                    return ngx_http_shmprom_rule_error(cf, rule,
+                        "has no label ", &labels[j].name);
+                }
+            }
+        }
+
+        rule->hooks = &zones[found];
+        rule->family = fam.id;
+        rule->nlabels = fam.nlabels;
+    }
+
+    return NGX_OK;
 }
 
 
@@ -380,26 +925,98 @@ ngx_http_shmprom_attempts(ngx_http_request_t *r, shmprom_gw_attempt *out)
 }
 
 
-/* log phase: the request's facts to the recorder */
+/* as $request_time, in seconds */
+static double
+ngx_http_shmprom_request_time(ngx_http_request_t *r)
+{
+    ngx_time_t      *tp;
+    ngx_msec_int_t   ms;
+
+    tp = ngx_timeofday();
+    ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
+                           + (tp->msec - r->start_msec));
+
+    return (double) ngx_max(ms, 0) / 1000.0;
+}
+
+
+/* log phase: the shmprom_inc / shmprom_observe of the location */
+static void
+ngx_http_shmprom_record_rules(ngx_http_request_t *r, ngx_array_t *rules)
+{
+    double                     v;
+    ngx_str_t                  s;
+    ngx_uint_t                 i, k;
+    shmprom_str                values[NGX_HTTP_SHMPROM_MAX_LABELS];
+    ngx_http_shmprom_rule_t  **rp, *rule;
+
+    rp = rules->elts;
+
+    for (i = 0; i < rules->nelts; i++) {
+        rule = rp[i];
+
+        if (rule->hooks == NULL) {
+            continue;
+        }
+
+        for (k = 0; k < rule->nlabels; k++) {
+            if (ngx_http_complex_value(r, rule->order[k], &s) != NGX_OK) {
+                break;
+            }
+
+            values[k].data = (const char *) s.data;
+            values[k].len = s.len;
+        }
+
+        if (k < rule->nlabels) {
+            /* out of memory: not recorded */
+            continue;
+        }
+
+        if (rule->request_time) {
+            v = ngx_http_shmprom_request_time(r);
+
+        } else if (rule->value) {
+            if (ngx_http_complex_value(r, rule->value, &s) != NGX_OK) {
+                continue;
+            }
+
+            /* not a number ("-", empty): NaN, refused and counted */
+            v = ngx_http_shmprom_number(s.data, s.len);
+
+        } else {
+            v = rule->constant;
+        }
+
+        rule->hooks->record(rule->hooks->rec, rule->family, v, rule->nlabels,
+                            values);
+    }
+}
+
+
+/* log phase: the request's facts to the recorders */
 static ngx_int_t
 ngx_http_shmprom_log_handler(ngx_http_request_t *r)
 {
     off_t                         sent;
-    ngx_time_t                   *tp;
-    ngx_msec_int_t                ms;
     ngx_table_elt_t              *depth;
     shmprom_gw_request            req;
     shmprom_gw_attempt            attempts[NGX_HTTP_SHMPROM_MAX_ATTEMPTS];
     ngx_http_shmprom_loc_conf_t   *lcf;
     ngx_http_shmprom_main_conf_t  *mcf;
 
-    mcf = ngx_http_get_module_main_conf(r, ngx_http_shmprom_module);
-    if (mcf->hooks.record == NULL || r != r->main) {
+    if (r != r->main) {
         return NGX_OK;
     }
 
     lcf = ngx_http_get_module_loc_conf(r, ngx_http_shmprom_module);
-    if (!lcf->gateway) {
+
+    if (lcf->rules) {
+        ngx_http_shmprom_record_rules(r, lcf->rules);
+    }
+
+    mcf = ngx_http_get_module_main_conf(r, ngx_http_shmprom_module);
+    if (mcf->hooks.record == NULL || !lcf->gateway) {
         return NGX_OK;
     }
 
@@ -430,11 +1047,7 @@ ngx_http_shmprom_log_handler(ngx_http_request_t *r)
         req.status = 0;
     }
 
-    /* as $request_time */
-    tp = ngx_timeofday();
-    ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
-                           + (tp->msec - r->start_msec));
-    req.duration = (double) ngx_max(ms, 0) / 1000.0;
+    req.duration = ngx_http_shmprom_request_time(r);
 
     /* as $request_length, $bytes_sent, $body_bytes_sent */
     sent = r->connection->sent;
@@ -458,8 +1071,15 @@ ngx_http_shmprom_log_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_shmprom_init(ngx_conf_t *cf)
 {
-    ngx_http_handler_pt        *h;
-    ngx_http_core_main_conf_t  *cmcf;
+    ngx_http_handler_pt           *h;
+    ngx_http_core_main_conf_t     *cmcf;
+    ngx_http_shmprom_main_conf_t  *mcf;
+
+    mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_shmprom_module);
+
+    if (ngx_http_shmprom_resolve(cf, mcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 

@@ -17,6 +17,7 @@
 //! - [`check`]: consistency check of a zone
 //! - [`ttl`]: idle-series expiry
 //! - [`gateway`]: the gateway preset's per-request recording for the nginx module
+//! - [`rules`]: the nginx module's `shmprom_inc` / `shmprom_observe` recording
 //! - [`writer`]: a recorder's writes into its process's plane
 //! - [`ffi`]: the C ABI (include/shmprom.h)
 
@@ -37,6 +38,8 @@ pub mod gateway;
 pub mod planes;
 #[cfg(not(loom))]
 pub mod registry;
+#[cfg(not(loom))]
+pub mod rules;
 pub mod series;
 mod sync;
 #[cfg(not(loom))]

@@ -124,6 +124,9 @@ fn rust_size(name: &str) -> usize {
         "shmprom_gw_attempt" => std::mem::size_of::<shmprom_gw_attempt>(),
         "shmprom_gw_request" => std::mem::size_of::<shmprom_gw_request>(),
         "shmprom_gw_hooks" => std::mem::size_of::<shmprom_gw_hooks>(),
+        "shmprom_str" => std::mem::size_of::<shmprom_str>(),
+        "shmprom_rec_family" => std::mem::size_of::<shmprom_rec_family>(),
+        "shmprom_rec_hooks" => std::mem::size_of::<shmprom_rec_hooks>(),
         _ => unreachable!("{name}"),
     }
 }
@@ -132,7 +135,7 @@ fn rust_size(name: &str) -> usize {
 fn header_matches_rust() {
     let bindings = bindings();
     let c = signatures(&bindings);
-    let rust_src = ["src/ffi/mod.rs", "src/ffi/gateway.rs"]
+    let rust_src = ["src/ffi/mod.rs", "src/ffi/gateway.rs", "src/ffi/rules.rs"]
         .map(|f| std::fs::read_to_string(repo().join(f)).unwrap())
         .concat();
     let r = signatures(&rust_src);
@@ -155,6 +158,9 @@ fn header_matches_rust() {
         "shmprom_gw_attempt",
         "shmprom_gw_request",
         "shmprom_gw_hooks",
+        "shmprom_str",
+        "shmprom_rec_family",
+        "shmprom_rec_hooks",
     ] {
         let fields = struct_fields(&bindings, name);
         assert!(!fields.is_empty(), "{name} in the header");
@@ -175,15 +181,21 @@ fn header_matches_rust() {
         ]
     );
     // the hooks' function pointer types
-    for alias in ["shmprom_gw_fn", "shmprom_gw_record_fn"] {
+    for alias in [
+        "shmprom_gw_fn",
+        "shmprom_gw_record_fn",
+        "shmprom_rec_find_fn",
+        "shmprom_rec_label_fn",
+        "shmprom_rec_record_fn",
+    ] {
         assert_eq!(
             type_alias(&bindings, alias),
             type_alias(&rust_src, alias),
             "{alias} differs"
         );
     }
-    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 5;"));
-    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 5);
+    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 6;"));
+    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 6);
 }
 
 #[test]

@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 5,
+    ABI = 6,
 }
 
 local FFI_OK = 0
@@ -225,6 +225,44 @@ local function try_claim(z)
     end
 end
 
+-- Hands the zone's directive recorder to ngx_http_shmprom_module when
+-- nginx loaded it (its shmprom_inc / shmprom_observe directives find their
+-- metrics in the zones attached while nginx reads the configuration: in
+-- init_by_lua*, in the master).
+local attach_declared = false
+local function attach_module(z)
+    if not attach_declared then
+        ffi.cdef("int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);")
+        attach_declared = true
+    end
+    local ok, attach = pcall(function()
+        -- nginx's own namespace (it loads modules RTLD_GLOBAL), not the
+        -- library's
+        return ffi.C.ngx_http_shmprom_attach
+    end)
+    if not ok then
+        return -- the module is not loaded
+    end
+    local rec = C.shmprom_rec_open(z.ptr, errbuf, ERRLEN)
+    if rec == nil then
+        ngx.log(ngx.ERR, "shmprom: zone '", z.name, "': ", errmsg())
+        return
+    end
+    local hooks = ffi_new("shmprom_rec_hooks")
+    if C.shmprom_rec_get_hooks(rec, hooks) ~= FFI_OK then
+        ngx.log(ngx.ERR, "shmprom: zone '", z.name, "': no recorder hooks")
+        return
+    end
+    -- the module copies the name before attach returns
+    hooks.zone = z.name
+    hooks.zone_len = #z.name
+    if attach(hooks) < 0 then
+        ngx.log(ngx.WARN, "shmprom: zone '", z.name, "': ",
+                "ngx_http_shmprom_module does not take its hooks (built ",
+                "for another libshmprom ABI): its directives cannot use it")
+    end
+end
+
 --- shmprom.new{ zone = "name", size = "32m", planes = n, path = nil,
 ---              lib = nil, prefault = "table" }
 -- Opens (creating it on first use) a shared zone. Call it from
@@ -364,6 +402,9 @@ function _M.new(opts)
         prefault_part = prefault_part,
     }, Zone)
     zones[name] = z
+    if in_master_init() then
+        attach_module(z)
+    end
     return z
 end
 

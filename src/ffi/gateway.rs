@@ -5,11 +5,12 @@
 // the C names of include/shmprom.h
 #![allow(non_camel_case_types)]
 
-use super::{bytes, set_err, shmprom_zone, zone, SHMPROM_ABI_VERSION, SHMPROM_EINVAL, SHMPROM_OK};
+use super::{
+    bytes, set_err, shmprom_zone, zone, PerZone, SHMPROM_ABI_VERSION, SHMPROM_EINVAL, SHMPROM_OK,
+};
 use crate::gateway::{Attempt, Gateway, Request};
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Mutex;
 
 /// Opaque per-process gateway recorder.
 #[repr(C)]
@@ -84,17 +85,8 @@ pub struct shmprom_gw_hooks {
     pub record: shmprom_gw_record_fn,
 }
 
-/// The recorders of this process, one per zone (by base address). Boxed so
-/// their addresses stay put; re-opening a zone's recorder (init_by_lua runs
-/// again on every reload, in the master) rebuilds it in place.
-struct Recorders(Vec<(usize, Box<Gateway>)>);
-
-// SAFETY: a Gateway holds the zone's base pointer and process-local caches;
-// the list is only touched under the mutex, and a recorder's contents only
-// by the thread that runs the requests of its process (see shmprom_gw_open).
-unsafe impl Send for Recorders {}
-
-static RECORDERS: Mutex<Recorders> = Mutex::new(Recorders(Vec::new()));
+/// The gateway recorders of this process, one per zone.
+static RECORDERS: PerZone<Gateway> = PerZone::new();
 
 /// Makes (or remakes) this process's recorder for zone `z`, given the ids
 /// of the preset's ten families in the order of `gateway::FAMILIES`.
@@ -135,18 +127,7 @@ pub unsafe extern "C" fn shmprom_gw_open(
                 return std::ptr::null_mut();
             }
         };
-        let mut list = RECORDERS.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = match list.0.iter_mut().find(|(b, _)| *b == base) {
-            Some((_, g)) => {
-                **g = gw;
-                g
-            }
-            None => {
-                list.0.push((base, Box::new(gw)));
-                &mut list.0.last_mut().expect("just pushed").1
-            }
-        };
-        &mut **slot as *mut Gateway as *mut shmprom_gw
+        RECORDERS.put(base, gw) as *mut shmprom_gw
     }));
     r.unwrap_or_else(|_| {
         set_err(err, errlen, "internal error (panic) in libshmprom");

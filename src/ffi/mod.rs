@@ -13,10 +13,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 mod gateway;
 pub use gateway::*;
+mod rules;
+pub use rules::*;
 
 /// Bumped whenever a function, a signature or a struct of the C ABI
-/// changes (4: shmprom_zone_prefault).
-pub const SHMPROM_ABI_VERSION: u32 = 5;
+/// changes (4: shmprom_zone_prefault; 6: shmprom_rec_*).
+pub const SHMPROM_ABI_VERSION: u32 = 6;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;
@@ -167,6 +169,41 @@ unsafe fn bytes<'a>(p: *const c_char, len: usize) -> Option<&'a [u8]> {
     } else {
         // SAFETY: per the contract.
         Some(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
+    }
+}
+
+/// A process's recorders of one kind for the nginx module, one per zone (by
+/// base address). Boxed so their addresses stay put; re-opening a zone's
+/// recorder (init_by_lua runs again on every reload, in the master)
+/// rebuilds it in place.
+struct PerZone<T>(std::sync::Mutex<Vec<(usize, Box<T>)>>);
+
+// SAFETY: a recorder holds the zone's base pointer and process-local
+// caches; the list is only touched under the mutex, and a recorder's
+// contents only by the thread that runs the requests of its process (the
+// nginx worker's event loop), or by the master before it forks.
+unsafe impl<T> Sync for PerZone<T> {}
+
+impl<T> PerZone<T> {
+    const fn new() -> Self {
+        PerZone(std::sync::Mutex::new(Vec::new()))
+    }
+
+    /// Puts `rec` in place of zone `base`'s recorder, or adds it; returns
+    /// its address. No recorder of the zone may be in use meanwhile.
+    fn put(&self, base: usize, rec: T) -> *mut T {
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = match list.iter_mut().find(|(b, _)| *b == base) {
+            Some((_, r)) => {
+                **r = rec;
+                r
+            }
+            None => {
+                list.push((base, Box::new(rec)));
+                &mut list.last_mut().expect("just pushed").1
+            }
+        };
+        &mut **slot as *mut T
     }
 }
 

@@ -107,6 +107,47 @@ int shmprom_gw_get_hooks(shmprom_gw *gw, shmprom_gw_hooks *out);
 void shmprom_gw_begin(shmprom_gw *gw);
 void shmprom_gw_end(shmprom_gw *gw);
 void shmprom_gw_record(shmprom_gw *gw, const shmprom_gw_request *r);
+/* The recorder of the nginx module's shmprom_inc / shmprom_observe
+ * directives, one per zone. */
+typedef struct shmprom_rec shmprom_rec;
+
+typedef struct shmprom_str {
+    const char *data;
+    size_t len;
+} shmprom_str;
+
+typedef struct shmprom_rec_family {
+    uint32_t id;
+    uint32_t kind;
+    uint32_t nlabels;
+} shmprom_rec_family;
+
+typedef int (*shmprom_rec_find_fn)(shmprom_rec *rec, const char *name,
+                                   size_t len, shmprom_rec_family *out);
+typedef int (*shmprom_rec_label_fn)(shmprom_rec *rec, uint32_t family,
+                                    uint32_t i, shmprom_str *out);
+typedef int (*shmprom_rec_record_fn)(shmprom_rec *rec, uint32_t family,
+                                     double value, uint32_t n,
+                                     const shmprom_str *values);
+
+typedef struct shmprom_rec_hooks {
+    uint32_t abi;
+    shmprom_rec *rec;
+    const char *zone;
+    size_t zone_len;
+    shmprom_rec_find_fn find;
+    shmprom_rec_label_fn label;
+    shmprom_rec_record_fn record;
+} shmprom_rec_hooks;
+
+shmprom_rec *shmprom_rec_open(shmprom_zone *z, char *err, size_t errlen);
+int shmprom_rec_get_hooks(shmprom_rec *rec, shmprom_rec_hooks *out);
+int shmprom_rec_find(shmprom_rec *rec, const char *name, size_t len,
+                     shmprom_rec_family *out);
+int shmprom_rec_label(shmprom_rec *rec, uint32_t family, uint32_t i,
+                      shmprom_str *out);
+int shmprom_rec_record(shmprom_rec *rec, uint32_t family, double value,
+                       uint32_t n, const shmprom_str *values);
 ]]
 
 local defined = false

@@ -1,0 +1,315 @@
+//! Recording for the nginx module's `shmprom_inc` and `shmprom_observe`
+//! directives: a counter increment or a histogram observation per request,
+//! with label values nginx evaluated (variables), no Lua in the log phase.
+//!
+//! The families are defined in Lua (`init_by_lua*`); the module resolves
+//! each directive's metric by name through [`Rules::find`] while nginx
+//! reads its configuration, and from then on hands [`Rules::record`] the
+//! family id, the value and the label values in the family's order. A
+//! `Rules` is process-local state (a label cache, this worker's plane):
+//! made in the nginx master, copied into every worker by fork, used by the
+//! worker's event loop only. Label sets are cached per worker as cell
+//! indices, dropped when the zone's epoch moves (series deleted or families
+//! retired), as the Lua wrapper's caches are.
+
+use crate::gateway::FxHasher;
+use crate::registry::{self, Kind};
+use crate::writer::PlaneWriter;
+use crate::zone::Zone;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::sync::atomic::Ordering;
+
+/// Label sets cached per worker before the cache starts afresh (label
+/// values come from requests: `$host` or `$uri` can bring new ones without
+/// end).
+const MAX_CACHE: usize = 65536;
+
+/// Kinds of [`crate::zone::ERROR_KINDS`] counted here.
+const ERR_BAD_VALUE: usize = 0;
+const ERR_BAD_LABELS: usize = 1;
+const ERR_INTERNAL: usize = 4;
+
+/// A family as [`Rules::find`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FamilyInfo {
+    /// Its id in the zone.
+    pub id: u32,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// Its label names, in order.
+    pub labels: Vec<String>,
+}
+
+/// Why [`Rules::record`] recorded nothing. Each is counted in the zone's
+/// `shmprom_errors_total` (the zone counts refused series itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordError {
+    /// No live counter or histogram of that id.
+    NoFamily,
+    /// A counter increment below 0, or a value that is not a finite number.
+    BadValue,
+    /// Not one label value per label name.
+    LabelCount,
+    /// The series could not be had (zone full, key too long, stuck insert).
+    Series,
+}
+
+/// What a record needs of its family, read once per epoch.
+struct Fam {
+    histogram: bool,
+    nlabels: usize,
+    bounds: Vec<f64>,
+}
+
+/// Per-process recording state of one zone's directives.
+pub struct Rules {
+    zone: Zone,
+    w: PlaneWriter,
+    epoch: u32,
+    /// By family id; None: not read yet this epoch.
+    fams: Vec<Option<Fam>>,
+    /// (family id, label values) encoded as in [`Rules::key`] -> first cell.
+    cache: HashMap<Box<[u8]>, u32, BuildHasherDefault<FxHasher>>,
+    /// The key being looked up (kept: no allocation per record).
+    key: Vec<u8>,
+}
+
+impl Rules {
+    /// No plane, nothing cached yet.
+    pub fn new(zone: Zone) -> Rules {
+        let epoch = zone.header().epoch.load(Ordering::Acquire);
+        Rules {
+            w: PlaneWriter::new(&zone),
+            zone,
+            epoch,
+            fams: Vec::new(),
+            cache: HashMap::default(),
+            key: Vec::with_capacity(64),
+        }
+    }
+
+    /// The zone recorded into.
+    pub fn zone(&self) -> &Zone {
+        &self.zone
+    }
+
+    /// This process's plane (0: none yet, or every plane is held).
+    pub fn plane(&self) -> u32 {
+        self.w.plane()
+    }
+
+    /// The live family named `name`.
+    pub fn find(&self, name: &[u8]) -> Option<FamilyInfo> {
+        registry::live_families(&self.zone)
+            .into_iter()
+            .find(|f| f.name.as_bytes() == name)
+            .map(|f| FamilyInfo {
+                id: f.id,
+                kind: f.kind,
+                labels: f.labels.iter().map(|l| l.to_string()).collect(),
+            })
+    }
+
+    /// Records `value` for the series of family `id` with these label
+    /// values (in the order of the family's label names): a counter adds
+    /// it (finite, >= 0), a histogram observes it (finite). Creates the
+    /// series on first use. Never panics on bad input: it counts it.
+    pub fn record(&mut self, id: u32, value: f64, values: &[&[u8]]) -> Result<(), RecordError> {
+        self.refresh();
+        let Some(fam) = self.family(id) else {
+            self.zone.count_error(ERR_INTERNAL);
+            return Err(RecordError::NoFamily);
+        };
+        let (histogram, nlabels) = (fam.histogram, fam.nlabels);
+        let ok = value.is_finite() && (histogram || value >= 0.0);
+        if !ok {
+            self.zone.count_error(ERR_BAD_VALUE);
+            return Err(RecordError::BadValue);
+        }
+        if values.len() != nlabels {
+            self.zone.count_error(ERR_BAD_LABELS);
+            return Err(RecordError::LabelCount);
+        }
+        let idx = self.series(id, values)? as u64;
+        if histogram {
+            let bounds = match self.fams.get(id as usize) {
+                Some(Some(f)) => &f.bounds[..],
+                _ => &[],
+            };
+            self.w.observe(&self.zone, idx, bounds, value);
+        } else {
+            self.w.add(&self.zone, idx, value);
+        }
+        Ok(())
+    }
+
+    /// Drops the caches when the epoch moved; claims a plane when this
+    /// process has none (at most once a second).
+    fn refresh(&mut self) {
+        let e = self.zone.header().epoch.load(Ordering::Acquire);
+        if e != self.epoch {
+            self.epoch = e;
+            self.cache.clear();
+            self.fams.clear();
+        }
+        if !self.w.has_plane() {
+            self.w.claim(&self.zone);
+        }
+    }
+
+    /// Family `id` as a record needs it: a live counter or histogram.
+    fn family(&mut self, id: u32) -> Option<&Fam> {
+        let i = id as usize;
+        if i >= self.fams.len() {
+            if i >= self.zone.families().len() {
+                return None;
+            }
+            self.fams.resize_with(i + 1, || None);
+        }
+        if self.fams[i].is_none() {
+            let f = registry::family(&self.zone, id).filter(|f| f.live)?;
+            if f.kind == Kind::Gauge {
+                return None;
+            }
+            self.fams[i] = Some(Fam {
+                histogram: f.kind == Kind::Histogram,
+                nlabels: f.labels.len(),
+                bounds: f.buckets.to_vec(),
+            });
+        }
+        self.fams[i].as_ref()
+    }
+
+    /// The first cell of the series: cached, else found or created.
+    fn series(&mut self, id: u32, values: &[&[u8]]) -> Result<u32, RecordError> {
+        self.key.clear();
+        self.key.extend_from_slice(&id.to_le_bytes());
+        for v in values {
+            self.key.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            self.key.extend_from_slice(v);
+        }
+        if let Some(&idx) = self.cache.get(&self.key[..]) {
+            return Ok(idx);
+        }
+        // the zone counts what it refuses (series_dropped, key_too_long,
+        // stuck_insert); a refused series is asked for again next time
+        let idx = registry::series_get(&self.zone, id, values).map_err(|_| RecordError::Series)?;
+        if self.cache.len() >= MAX_CACHE {
+            self.cache.clear();
+        }
+        self.cache.insert(self.key[..].into(), idx);
+        Ok(idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Def;
+
+    fn zone(name: &str) -> Zone {
+        Zone::open(name, 1 << 20, 3, None).expect("zone").0
+    }
+
+    fn define(z: &Zone, name: &str, kind: Kind, labels: &[&str], buckets: &[f64]) -> u32 {
+        registry::define(
+            z,
+            &Def {
+                name,
+                help: b"help",
+                kind,
+                mode: 0,
+                labels: labels.to_vec(),
+                buckets: buckets.to_vec(),
+            },
+        )
+        .expect("define")
+    }
+
+    fn value(z: &Zone, id: u32, values: &[&[u8]], k: u64) -> f64 {
+        let idx = registry::series_get(z, id, values).expect("series") as u64;
+        (0..z.header().planes)
+            .map(|p| f64::from_bits(z.cell(p, idx + k).load(Ordering::Relaxed)))
+            .sum()
+    }
+
+    fn errors(z: &Zone, k: usize) -> u64 {
+        z.header().errors[k].load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn counts_and_observes() {
+        let z = zone("rules-counts");
+        let c = define(&z, "req_total", Kind::Counter, &["host", "status"], &[]);
+        let h = define(&z, "dur_seconds", Kind::Histogram, &["host"], &[0.1, 1.0]);
+        let mut r = Rules::new(z);
+        let info = r.find(b"req_total").expect("found");
+        assert_eq!(info.id, c);
+        assert_eq!(info.kind, Kind::Counter);
+        assert_eq!(info.labels, ["host", "status"]);
+        assert!(r.find(b"nope_total").is_none());
+        for i in 0..1000 {
+            let st: &[u8] = if i % 4 == 0 { b"404" } else { b"200" };
+            r.record(c, 1.0, &[b"a.example", st]).expect("inc");
+            r.record(h, (i % 3) as f64 * 0.5, &[b"a.example"])
+                .expect("observe");
+        }
+        assert!(r.plane() > 0, "claimed a plane");
+        assert_eq!(value(&z, c, &[b"a.example", b"200"], 0), 750.0);
+        assert_eq!(value(&z, c, &[b"a.example", b"404"], 0), 250.0);
+        // 0 -> le 0.1; 0.5 -> le 1; 1.0 -> le 1 (a bound takes its equal)
+        assert_eq!(value(&z, h, &[b"a.example"], 0), 334.0);
+        assert_eq!(value(&z, h, &[b"a.example"], 1), 666.0);
+        assert_eq!(value(&z, h, &[b"a.example"], 2), 0.0);
+        assert_eq!(value(&z, h, &[b"a.example"], 3), 333.0 * 0.5 + 333.0);
+    }
+
+    #[test]
+    fn refuses_and_counts_bad_input() {
+        let z = zone("rules-bad");
+        let c = define(&z, "req_total", Kind::Counter, &["host"], &[]);
+        let h = define(&z, "dur_seconds", Kind::Histogram, &[], &[1.0]);
+        let g = define(&z, "temp", Kind::Gauge, &[], &[]);
+        let mut r = Rules::new(z);
+        assert_eq!(r.record(c, -1.0, &[b"x"]), Err(RecordError::BadValue));
+        assert_eq!(r.record(c, f64::NAN, &[b"x"]), Err(RecordError::BadValue));
+        assert_eq!(r.record(h, f64::INFINITY, &[]), Err(RecordError::BadValue));
+        assert_eq!(errors(&z, ERR_BAD_VALUE), 3);
+        assert_eq!(r.record(c, 1.0, &[]), Err(RecordError::LabelCount));
+        assert_eq!(errors(&z, ERR_BAD_LABELS), 1);
+        assert_eq!(r.record(g, 1.0, &[]), Err(RecordError::NoFamily));
+        assert_eq!(r.record(99, 1.0, &[]), Err(RecordError::NoFamily));
+        assert_eq!(errors(&z, ERR_INTERNAL), 2);
+        let long = vec![b'k'; 20_000];
+        assert_eq!(r.record(c, 1.0, &[&long]), Err(RecordError::Series));
+        // a negative observation is fine for a histogram
+        r.record(h, -3.0, &[]).expect("observe");
+        assert_eq!(value(&z, h, &[], 0), 1.0);
+        // nothing else was made
+        assert_eq!(
+            registry::family(&z, c)
+                .expect("c")
+                .rec
+                .series
+                .load(Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[test]
+    fn cache_follows_deletes() {
+        let z = zone("rules-del");
+        let c = define(&z, "req_total", Kind::Counter, &["host"], &[]);
+        let mut r = Rules::new(z);
+        r.record(c, 2.0, &[b"x"]).expect("inc");
+        registry::series_del(&z, c, &[b"x"]).expect("del");
+        z.bump_epoch();
+        r.record(c, 5.0, &[b"x"]).expect("inc after the delete");
+        assert_eq!(
+            value(&z, c, &[b"x"], 0),
+            5.0,
+            "a new series, not the deleted one's cell"
+        );
+    }
+}
