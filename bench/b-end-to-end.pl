@@ -20,7 +20,7 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
+use Bench qw(conf_head shmprom_module $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get wrk_run median minmax fmt_num md_table
              write_fragment spew slurp logmsg worker_pids add_target $OUT);
 
@@ -62,6 +62,10 @@ EOL
             metric_latency:observe(ngx.now() - ngx.req.start_time(), {host})
         }
 EOL
+    readme_module => <<'EOL',
+        shmprom_inc nginx_http_requests_total host=$host status=$status;
+        shmprom_observe nginx_http_request_duration_seconds $request_time host=$host;
+EOL
     vars_ngxvar => <<'EOL',
         log_by_lua_block {
             local host, status = ngx.var.server_name, ngx.var.status
@@ -85,12 +89,13 @@ my %DESC = (
     plain => 'plain nginx: `return 200 "hello\n"`, no log_by_lua',
     vars => 'same + log_by_lua doing the README example\'s reads (`ngx.var.host`, `ngx.status`, `ngx.now() - ngx.req.start_time()`), recording nothing',
     readme => 'same + the README example (counter inc by host and status, histogram observe by host of the request time, 19 buckets; label values as arguments)',
+    readme_module => 'same metrics recorded by ngx_http_shmprom_module\'s directives (README, "Without Lua in the log phase"): `shmprom_inc` by host and status, `shmprom_observe` of `$request_time` by host; no Lua in the log phase',
     readme_tables => 'same + the README example with its label values in a table built per call (`inc(1, {host, ngx.status})`, as nginx-lua-prometheus takes them)',
     vars_ngxvar => 'same + log_by_lua doing nginx-lua-prometheus\'s README reads (`ngx.var.server_name` twice, `.status`, `.request_time`), recording nothing',
     readme_ngxvar => 'same + those four `ngx.var` reads and the same two metric calls with shmprom',
     peer_readme => 'same + nginx-lua-prometheus\'s README example (PEER_LUA_PATH): the four `ngx.var` reads and the two calls',
 );
-my @CONFIGS = qw(plain vars readme readme_tables vars_ngxvar readme_ngxvar);
+my @CONFIGS = qw(plain vars readme readme_tables readme_module vars_ngxvar readme_ngxvar);
 push @CONFIGS, 'peer_readme' if $PEER;
 
 sub micro {
@@ -116,7 +121,8 @@ EOS
             "HTTP request latency", {"host"}, $BUCKETS)
 EOL
     my ($mport) = free_ports(1);
-    my $conf = conf_head(workers => 2, conns => 1024, temp => 1) . <<"EOC";
+    my $module = shmprom_module();
+    my $conf = conf_head(workers => 2, conns => 1024, temp => 1, modules => [$module]) . <<"EOC";
     $peer_http
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
@@ -349,7 +355,7 @@ sub diag {
         metric_latency = metrics:histogram("nginx_http_request_duration_seconds",
             "HTTP request latency", {"host"}, $BUCKETS)
         ST = { n = 0, clock = 0, readme_vars = 0, readme_record = 0,
-               preset_vars = 0, map_parse = 0 }
+               readme_args = 0, preset_vars = 0, map_parse = 0 }
         local find, sub = string.find, string.sub
         function split7(s)
             local a = find(s, " ", 1, true)
@@ -384,8 +390,25 @@ sub diag {
             local host, status = var.server_name, var.status
             local rt, host2 = tonumber(var.request_time), var.server_name
             local t2 = now()
-            metric_requests:inc(1, {host, status})
-            metric_latency:observe(rt, {host2})
+            -- the two shapes of the calls, in turns first and second
+            local tab, arg
+            if ST.n % 2 == 0 then
+                metric_requests:inc(1, {host, status})
+                metric_latency:observe(rt, {host2})
+                local m = now()
+                metric_requests:inc(1, host, status)
+                metric_latency:observe(rt, host2)
+                local e = now()
+                tab, arg = m - t2, e - m
+            else
+                metric_requests:inc(1, host, status)
+                metric_latency:observe(rt, host2)
+                local m = now()
+                metric_requests:inc(1, {host, status})
+                metric_latency:observe(rt, {host2})
+                local e = now()
+                arg, tab = m - t2, e - m
+            end
             local t3 = now()
             local a, b = tonumber(var.request_length), tonumber(var.bytes_sent)
             local c, d = var.request_completion, tonumber(var.body_bytes_sent)
@@ -400,7 +423,8 @@ sub diag {
             ST.n = ST.n + 1
             ST.clock = ST.clock + (t1 - t0)
             ST.readme_vars = ST.readme_vars + (t2 - t1)
-            ST.readme_record = ST.readme_record + (t3 - t2)
+            ST.readme_record = ST.readme_record + tab
+            ST.readme_args = ST.readme_args + arg
             ST.preset_vars = ST.preset_vars + (t4 - t3)
             ST.map_parse = ST.map_parse + (t5 - t4)
         }
@@ -422,7 +446,7 @@ EOC
     my $st = Bench::http_get_json("http://127.0.0.1:$mport/");
     nginx_stop($nx);
     my %ns;
-    for my $k (qw(readme_vars readme_record preset_vars map_parse)) {
+    for my $k (qw(readme_vars readme_record readme_args preset_vars map_parse)) {
         $ns{$k} = ($st->{$k} - $st->{clock}) / $st->{n};
     }
     $ns{clock} = $st->{clock} / $st->{n};
@@ -440,9 +464,11 @@ if ($only eq 'all' || $only eq 'micro') {
     my $wrk_cmd = $runs->{plain}[0]{cmd};
     $wrk_cmd =~ s/:\d+\//:PORT\//;
     my $total = 0;
-    $total += $_->{requests} for map { @{ $runs->{$_} } } qw(readme readme_tables readme_ngxvar);
+    $total += $_->{requests} for map { @{ $runs->{$_} } } qw(readme readme_tables readme_module readme_ngxvar);
     $md .= "### README example\n\n";
-    $md .= "One nginx, 2 workers, `access_log off`, one server per config (same content "
+    $md .= "One nginx, 2 workers, `access_log off`, ngx_http_shmprom_module loaded (its "
+         . "log-phase and post-read handlers return at once where no directive of it is "
+         . "set), one server per config (same content "
          . "handler `return 200 \"hello\\n\"`, `server_name bench`); command per run: `$wrk_cmd` "
          . "against one port at a time; $ROUNDS rounds, configs in a rotated order each round, "
          . "one ${WARM}s warm-up run per config first. CPU/req = utime+stime of the 2 worker "
@@ -452,6 +478,7 @@ if ($only eq 'all' || $only eq 'micro') {
     $md .= "\nRatios (per round against the baseline of the same round, median; CPU ratio = "
          . "baseline CPU/req / config CPU/req, so 1.00 = no extra CPU):\n\n";
     my @pairs = ([ 'readme', 'vars', 0.98 ], [ 'readme', 'plain', 0.87 ], [ 'vars', 'plain' ],
+                 [ 'readme_module', 'plain', 0.87 ],
                  [ 'readme_tables', 'vars' ], [ 'readme_tables', 'readme' ],
                  [ 'readme_ngxvar', 'vars_ngxvar' ], [ 'readme_ngxvar', 'plain' ],
                  [ 'vars_ngxvar', 'plain' ]);
@@ -461,7 +488,7 @@ if ($only eq 'all' || $only eq 'micro') {
     $md .= md_table([ 'pair', 'req/s ratio', 'range', 'target', 'CPU/req ratio', 'CPU target' ], @rr);
     for (@rr) { $summary{$_->[0]} = $_->[1] }
     $md .= "\nThe shmprom counter `nginx_http_requests_total` holds " . fmt_num($counted, 9)
-         . " requests; wrk completed " . fmt_num($total, 9) . " on the readme, readme_tables and readme_ngxvar ports "
+         . " requests; wrk completed " . fmt_num($total, 9) . " on the readme, readme_tables, readme_module and readme_ngxvar ports "
          . "(the difference is the warm-up runs and requests in flight when wrk stops).\n\n";
     $md .= "Log-phase code of each config:\n\n";
     for my $c (@CONFIGS) {
@@ -484,8 +511,9 @@ if ($only eq 'all' || $only eq 'micro' || $only eq 'diag') {
          . sprintf('cost of %.0f ns per reading taken off), averaged over %s requests:',
                    $d->{clock}, fmt_num($d->{n})) . "\n\n";
     $md .= md_table([ 'piece of the log phase', 'ns per request' ],
-        [ "the README's 4 variable reads (`ngx.var.server_name` x2, `.status`, `.request_time`)", fmt_num($d->{readme_vars}) ],
-        [ "the README's 2 metric calls (`inc(1, {host, status})`, `observe(rt, {host})`, label tables built per call)", fmt_num($d->{readme_record}) ],
+        [ "nginx-lua-prometheus's README's 4 variable reads (`ngx.var.server_name` x2, `.status`, `.request_time`)", fmt_num($d->{readme_vars}) ],
+        [ "2 metric calls with label tables built per call (`inc(1, {host, status})`, `observe(rt, {host})`: nginx-lua-prometheus's shape)", fmt_num($d->{readme_record}) ],
+        [ "the same 2 calls with the label values as arguments (`inc(1, host, status)`, `observe(rt, host)`: the README's shape)", fmt_num($d->{readme_args}) ],
         [ "7 separate variable reads on a proxied GET (`request_length`, `bytes_sent`, `request_completion`, `body_bytes_sent`, `upstream_addr`, `upstream_status`, `upstream_response_time`)", fmt_num($d->{preset_vars}) ],
         [ "the same 7 values through one `map` variable (`\$bench_log_vars`) split in Lua", fmt_num($d->{map_parse}) ]);
     $md .= sprintf("\nPer variable read: %.0f ns in the README group, %.0f ns in the group of 7. A "

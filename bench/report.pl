@@ -93,7 +93,8 @@ $md .= "## Summary against the issue's targets\n\n";
 if (@t) {
     $md .= "| what | target | measured (against its baseline of the same run) | verdict |\n|---|---|---|---|\n";
     for my $f (@t) {
-        my $v = $f->[4] =~ /^met/ ? "met" : "**$f->[4]**";
+        # a row with no target (a sizing figure beside one) is not a miss
+        my $v = $f->[4] =~ /^(?:met|sizing figure)/ ? $f->[4] : "**$f->[4]**";
         $md .= "| $f->[1] | $f->[2] | $f->[3] | $v |\n";
     }
     $md .= "\n";
@@ -111,7 +112,7 @@ my %sec;
 while ($diag =~ /^### (\S+)\n(.*?)(?=^### |\z)/msg) {
     $sec{$1} = $2;
 }
-my @missed = grep { $_->[4] !~ /^met/ } @t;
+my @missed = grep { $_->[4] !~ /^(?:met|sizing figure)/ } @t;
 if (@missed) {
     $md .= "## Where a target is missed: by how much, why, and what would close it\n\n";
     my %done;

@@ -57,6 +57,7 @@ declare -A LIMIT=([a]=420 [b]=720 [c]=420 [d]=240 [e]=420 [f]=360)
 BENCH_SNAP=$BENCH_WORK/snap
 mkdir -p "$BENCH_SNAP/lib"
 cp target/release/libshmprom.so "$BENCH_SNAP/lib/libshmprom.so"
+cp target/release/ngx_http_shmprom_module.so "$BENCH_SNAP/lib/ngx_http_shmprom_module.so"
 cp -r lua "$BENCH_SNAP/lua"
 export BENCH_SNAP
 sha256sum target/release/libshmprom.so >"$BENCH_OUT/lib.sha256"

@@ -29,7 +29,7 @@ use Time::HiRes qw(time sleep);
 
 our @EXPORT_OK = qw(
     $REPO $WORK $OUT $QUICK $PEER $NGINX $MODULES $USER_LINE
-    free_ports nginx_start nginx_stop worker_pids cpu_ticks clk_tck conf_head
+    free_ports nginx_start nginx_stop worker_pids cpu_ticks clk_tck conf_head shmprom_module
     wrk_run http_get http_get_json wait_until median minmax fmt_num
     md_table write_fragment slurp spew spawn_child stop_child wait_child json_encode
     add_target
@@ -111,13 +111,22 @@ sub lua_paths {
          . "    lua_package_cpath \"$lib/?.so;;\";";
 }
 
+# ngx_http_shmprom_module: the copy taken at the start of the run (with the
+# library's), else the build's.
+sub shmprom_module {
+    my $snap = $ENV{BENCH_SNAP};
+    return $snap ? "$snap/lib/ngx_http_shmprom_module.so"
+                 : "$REPO/target/release/ngx_http_shmprom_module.so";
+}
+
 # The start of every bench's nginx.conf, up to and inside `http {`: the ndk
-# and lua modules, the user line (when root), the workers, pid and error log
+# and lua modules (and those of modules => [paths] after them), the user line (when root), the workers, pid and error log
 # under $PREFIX (nginx_start fills it in), the events block, the Lua paths
 # and `access_log off`; temp => 1 adds every temp path under $PREFIX.
-#   conf_head(workers => 2, conns => 1024, log => 'notice', temp => 0)
+#   conf_head(workers => 2, conns => 1024, log => 'notice', temp => 0, modules => [])
 sub conf_head {
     my (%o) = @_;
+    my $extra = join '', map { "load_module $_;\n" } @{ $o{modules} || [] };
     my $workers = $o{workers} // 2;
     my $conns = $o{conns} // 1024;
     my $log = $o{log} // 'notice';
@@ -132,7 +141,7 @@ sub conf_head {
     return <<"EOC";
 load_module $MODULES/ndk_http_module.so;
 load_module $MODULES/ngx_http_lua_module.so;
-$USER_LINE
+$extra$USER_LINE
 worker_processes $workers;
 pid \$PREFIX/logs/nginx.pid;
 error_log \$PREFIX/logs/error.log $log;
