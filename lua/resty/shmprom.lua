@@ -873,6 +873,14 @@ local function series_args(f, a, b, c, d, e)
     return miss(f, { a, b, c, d, e })
 end
 
+-- The series index of label values given as one table or as arguments.
+local function series_of(f, a, b, c, d, e)
+    if type(a) == "table" then
+        return series(f, a)
+    end
+    return series_args(f, a, b, c, d, e)
+end
+
 -- Adds v to cell idx of this worker's plane (plain store) or, without a
 -- plane, to the shared plane (atomic).
 local function add(z, idx, v)
@@ -983,12 +991,7 @@ function Counter:inc(v, a, b, c, d, e)
         return bad(self, ERR_BAD_VALUE, "counter increment must be a "
                    .. "finite number >= 0, got " .. tostring(v))
     end
-    local idx, err
-    if type(a) == "table" then
-        idx, err = series(self, a)
-    else
-        idx, err = series_args(self, a, b, c, d, e)
-    end
+    local idx, err = series_of(self, a, b, c, d, e)
     if not idx then
         return nil, err
     end
@@ -1003,12 +1006,7 @@ function Gauge:set(v, a, b, c, d, e)
         return bad(self, ERR_BAD_VALUE, "gauge value must be a number, got "
                    .. type(v))
     end
-    local idx, err
-    if type(a) == "table" then
-        idx, err = series(self, a)
-    else
-        idx, err = series_args(self, a, b, c, d, e)
-    end
+    local idx, err = series_of(self, a, b, c, d, e)
     if not idx then
         return nil, err
     end
@@ -1024,12 +1022,7 @@ local function gauge_step(self, sign, what, v, a, b, c, d, e)
         return bad(self, ERR_BAD_VALUE, "gauge " .. what .. " must be a "
                    .. "finite number, got " .. tostring(v))
     end
-    local idx, err
-    if type(a) == "table" then
-        idx, err = series(self, a)
-    else
-        idx, err = series_args(self, a, b, c, d, e)
-    end
+    local idx, err = series_of(self, a, b, c, d, e)
     if not idx then
         return nil, err
     end
@@ -1056,12 +1049,7 @@ function Histogram:observe(v, a, b, c, d, e)
         return bad(self, ERR_BAD_VALUE, "observation must be a finite "
                    .. "number, got " .. tostring(v))
     end
-    local idx, err
-    if type(a) == "table" then
-        idx, err = series(self, a)
-    else
-        idx, err = series_args(self, a, b, c, d, e)
-    end
+    local idx, err = series_of(self, a, b, c, d, e)
     if not idx then
         return nil, err
     end
