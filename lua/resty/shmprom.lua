@@ -232,7 +232,9 @@ end
 local attach_declared = false
 local function attach_module(z)
     if not attach_declared then
-        ffi.cdef("int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);")
+        -- pcall: declared already when this file is loaded again in the VM
+        pcall(ffi.cdef,
+              "int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);")
         attach_declared = true
     end
     local ok, attach = pcall(function()
