@@ -40,11 +40,13 @@
  * parent's). The metric is found by name in the zones resty.shmprom's
  * new() opened in init_by_lua (each new() attaches its zone through
  * ngx_http_shmprom_attach); that happens when nginx reads the
- * configuration, in this module's postconfiguration, after the lua
- * module's has run init_by_lua (the lua module is a filter with a place in
- * nginx's module order, so it comes first whichever load_module line
- * does; checked), and a wrong name, kind or label set fails the start or
- * the reload. Label values and the value are nginx complex values evaluated in
+ * configuration, after init_by_lua, and a wrong name, kind or label set
+ * fails the start or the reload. The lua module runs init_by_lua from its
+ * postconfiguration, or, when the configuration has lua_shared_dict
+ * zones, once the last of them is initialised: this module finds the
+ * metrics from the init of a small shared memory zone of its own, added
+ * after theirs, which runs after both (and whose failure makes nginx
+ * reject the configuration, as the lua module's does). Label values and the value are nginx complex values evaluated in
  * the log phase of each main request; $request_time alone is read as
  * nginx keeps it, not formatted and parsed.
  */
@@ -124,14 +126,18 @@ static char *ngx_http_shmprom_gateway(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static ngx_int_t ngx_http_shmprom_resolve(ngx_conf_t *cf,
-    ngx_http_shmprom_main_conf_t *mcf);
+static ngx_int_t ngx_http_shmprom_resolve(ngx_shm_zone_t *zone, void *data);
 static ngx_int_t ngx_http_shmprom_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_shmprom_init_process(ngx_cycle_t *cycle);
 static void ngx_http_shmprom_forget(void *data);
 
 int ngx_http_shmprom_gateway_attach(const shmprom_gw_hooks *hooks);
 int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);
+
+
+/* the zone whose init finds the directives' metrics */
+static ngx_str_t  ngx_http_shmprom_zone_name =
+    ngx_string("ngx_http_shmprom_module");
 
 
 /* the main configuration of the http block being read (init_by_lua runs
@@ -602,10 +608,10 @@ ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 /* an error of one directive, with its place in the configuration */
 static ngx_int_t
-ngx_http_shmprom_rule_error(ngx_conf_t *cf, ngx_http_shmprom_rule_t *rule,
+ngx_http_shmprom_rule_error(ngx_log_t *log, ngx_http_shmprom_rule_t *rule,
     const char *what, ngx_str_t *detail)
 {
-    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+    ngx_log_error(NGX_LOG_EMERG, log, 0,
                   "%s \"%V\": %s%V in %s:%ui",
                   rule->observe ? "shmprom_observe" : "shmprom_inc",
                   &rule->metric, what, detail, rule->file, rule->line);
@@ -616,55 +622,30 @@ ngx_http_shmprom_rule_error(ngx_conf_t *cf, ngx_http_shmprom_rule_t *rule,
 
 /*
  * Finds every directive's metric in the zones attached during init_by_lua
- * and puts its label values in the family's order. Runs from this
- * module's postconfiguration, after the lua module's (which runs
- * init_by_lua), in the process reading the configuration.
+ * and puts its label values in the family's order: the init of this
+ * module's shared memory zone (see ngx_http_shmprom_init), in the process
+ * reading the configuration, after init_by_lua.
  */
 static ngx_int_t
-ngx_http_shmprom_resolve(ngx_conf_t *cf, ngx_http_shmprom_main_conf_t *mcf)
+ngx_http_shmprom_resolve(ngx_shm_zone_t *shm, void *data)
 {
-    int                         rc;
-    ngx_str_t                   none = ngx_null_string, zone, other;
-    ngx_uint_t                  i, j, k, lua, self, found;
-    shmprom_str                 lname;
-    shmprom_rec_hooks          *zones;
-    shmprom_rec_family          fam, f;
-    ngx_http_shmprom_rule_t   **rules, *rule;
-    ngx_http_shmprom_label_t   *labels;
-
-    if (mcf->rules.nelts == 0) {
-        return NGX_OK;
-    }
+    int                            rc;
+    ngx_log_t                     *log = shm->shm.log;
+    ngx_str_t                      none = ngx_null_string, zone, other;
+    ngx_uint_t                     i, j, k, found;
+    shmprom_str                    lname;
+    shmprom_rec_hooks             *zones;
+    shmprom_rec_family             fam, f;
+    ngx_http_shmprom_rule_t      **rules, *rule;
+    ngx_http_shmprom_label_t      *labels;
+    ngx_http_shmprom_main_conf_t  *mcf = shm->data;
 
     ngx_memzero(&fam, sizeof(shmprom_rec_family));
 
-    /* the lua module runs init_by_lua neither for "nginx -t" nor for
-     * "nginx -s ...": no zone is attached then, nothing to check */
-    if (ngx_process == NGX_PROCESS_SIGNALLER || ngx_test_config) {
+    /* the lua module does not run init_by_lua for "nginx -t": no zone is
+     * attached then, nothing to check */
+    if (ngx_test_config) {
         return NGX_OK;
-    }
-
-    lua = NGX_CONF_UNSET_UINT;
-    self = NGX_CONF_UNSET_UINT;
-
-    for (i = 0; cf->cycle->modules[i]; i++) {
-        if (cf->cycle->modules[i] == &ngx_http_shmprom_module) {
-            self = i;
-
-        } else if (ngx_strcmp(cf->cycle->modules[i]->name,
-                              "ngx_http_lua_module") == 0)
-        {
-            lua = i;
-        }
-    }
-
-    if (lua == NGX_CONF_UNSET_UINT || lua > self) {
-        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "shmprom_inc and shmprom_observe find their metrics "
-                      "in the zones resty.shmprom opens in init_by_lua: "
-                      "load ngx_http_shmprom_module after "
-                      "ngx_http_lua_module");
-        return NGX_ERROR;
     }
 
     rules = mcf->rules.elts;
@@ -686,7 +667,7 @@ ngx_http_shmprom_resolve(ngx_conf_t *cf, ngx_http_shmprom_main_conf_t *mcf)
                 zone.len = zones[found].zone_len;
                 other.data = (u_char *) zones[j].zone;
                 other.len = zones[j].zone_len;
-                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                ngx_log_error(NGX_LOG_EMERG, log, 0,
                               "%s \"%V\": defined in zones \"%V\" and "
                               "\"%V\": the name must be one zone's, in "
                               "%s:%ui",
@@ -702,27 +683,27 @@ ngx_http_shmprom_resolve(ngx_conf_t *cf, ngx_http_shmprom_main_conf_t *mcf)
         }
 
         if (found == NGX_CONF_UNSET_UINT) {
-            return ngx_http_shmprom_rule_error(cf, rule,
+            return ngx_http_shmprom_rule_error(log, rule,
                 "no such metric in the zones of resty.shmprom's new() "
                 "(define it in init_by_lua)", &none);
         }
 
         if (rule->observe && fam.kind != 2) {
-            return ngx_http_shmprom_rule_error(cf, rule,
+            return ngx_http_shmprom_rule_error(log, rule,
                 "is not a histogram", &none);
         }
 
         if (!rule->observe && fam.kind != 0) {
-            return ngx_http_shmprom_rule_error(cf, rule,
+            return ngx_http_shmprom_rule_error(log, rule,
                 "is not a counter", &none);
         }
 
         if (fam.nlabels > NGX_HTTP_SHMPROM_MAX_LABELS) {
-            return ngx_http_shmprom_rule_error(cf, rule,
+            return ngx_http_shmprom_rule_error(log, rule,
                 "has more labels than a directive takes", &none);
         }
 
-        rule->order = ngx_pcalloc(cf->pool, (fam.nlabels + 1)
+        rule->order = ngx_pcalloc(mcf->pool, (fam.nlabels + 1)
                                   * sizeof(ngx_http_complex_value_t *));
         if (rule->order == NULL) {
             return NGX_ERROR;
@@ -751,7 +732,7 @@ ngx_http_shmprom_resolve(ngx_conf_t *cf, ngx_http_shmprom_main_conf_t *mcf)
             if (rule->order[k] == NULL) {
                 other.data = (u_char *) lname.data;
                 other.len = lname.len;
-                return ngx_http_shmprom_rule_error(cf, rule,
+                return ngx_http_shmprom_rule_error(log, rule,
                     "no value for its label ", &other);
             }
         }
@@ -766,7 +747,7 @@ ngx_http_shmprom_resolve(ngx_conf_t *cf, ngx_http_shmprom_main_conf_t *mcf)
                 }
 
                 if (k == fam.nlabels) {
-                    return ngx_http_shmprom_rule_error(cf, rule,
+                    return ngx_http_shmprom_rule_error(log, rule,
                         "has no label ", &labels[j].name);
                 }
             }
@@ -1071,14 +1052,29 @@ ngx_http_shmprom_log_handler(ngx_http_request_t *r)
 static ngx_int_t
 ngx_http_shmprom_init(ngx_conf_t *cf)
 {
+    ngx_shm_zone_t                *zone;
     ngx_http_handler_pt           *h;
     ngx_http_core_main_conf_t     *cmcf;
     ngx_http_shmprom_main_conf_t  *mcf;
 
     mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_shmprom_module);
 
-    if (ngx_http_shmprom_resolve(cf, mcf) != NGX_OK) {
-        return NGX_ERROR;
+    if (mcf->rules.nelts) {
+        /*
+         * Not for memory: its init runs after init_by_lua (which the lua
+         * module runs from its postconfiguration, or from the init of the
+         * last of its lua_shared_dict zones, all added before this one),
+         * and a failed init rejects the configuration.
+         */
+        zone = ngx_shared_memory_add(cf, &ngx_http_shmprom_zone_name,
+                                     8 * ngx_pagesize,
+                                     &ngx_http_shmprom_module);
+        if (zone == NULL) {
+            return NGX_ERROR;
+        }
+
+        zone->init = ngx_http_shmprom_resolve;
+        zone->data = mcf;
     }
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);

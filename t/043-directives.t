@@ -86,10 +86,13 @@ my $servers = <<'NGX';
     }
 NGX
 
+# A lua_shared_dict makes the lua module run init_by_lua later (once its
+# zones are initialised): the module must find the metrics after that.
 my $n = ShmpromTest->new(
     workers => 2,
     ports   => 3,
     main    => $main,
+    http    => "    lua_shared_dict t043_dict 1m;\n",
     init    => $init,
     init_worker => '        metrics:init_worker()',
     # its own directive: the http level's is not inherited here
@@ -97,7 +100,7 @@ my $n = ShmpromTest->new(
              . '        location = /metrics { content_by_lua_block { metrics:collect() } }',
     servers => $servers,
 );
-$n->start_ok('nginx with the module after the lua module');
+$n->start_ok('nginx with the module and a lua_shared_dict');
 
 sub scrape {
     my $r = $n->get('/metrics');
@@ -259,13 +262,15 @@ my @mistakes = (
     [ 'negative constant', 'shmprom_inc t_bytes_total -1 kind=a;', qr/"-1" is not a finite number >= 0/ ],
     [ 'observe no value', 'shmprom_observe t_size_bytes kind=a;', qr/needs a value to observe/ ],
 );
-for my $m (@mistakes) {
-    my ($what, $line, $re) = @$m;
+for my $i (0 .. $#mistakes) {
+    my ($what, $line, $re) = @{ $mistakes[$i] };
+    # every other one with a lua_shared_dict (init_by_lua runs later)
+    my $dict = $i % 2 ? "    lua_shared_dict t043_dict 1m;\n" : '';
     my $b = ShmpromTest->new(
         workers => 1,
         main    => $main,
         init    => $init,
-        http    => "    $line\n",
+        http    => "$dict    $line\n",
     );
     my $err = eval { $b->start; '' } // $@;
     like($err, qr/$re.*in \S+nginx\.conf:\d+/, "$what: the start fails, naming the directive");
