@@ -108,6 +108,17 @@ sub scrape {
     return eval { parse_metrics($r->{body}) };
 }
 
+# nginx runs a request's log phase after its response reached the client:
+# scrape until $cond holds for the output (at most 10 s) and return that
+# output (the last one when it never held: the tests then say what it is)
+sub scrape_when {
+    my ($cond) = @_;
+    my $p;
+    wait_until(sub { $p = scrape(); $p && $cond->($p) }, timeout => 10);
+    return $p;
+}
+sub v { my ($p, $name, %l) = @_; return metric_value($p, $name, %l) // 0 }
+
 # $procs clients at once, each $each requests to $path on $PORT2, a new
 # connection per request (reuseport spreads them over both workers)
 sub load {
@@ -137,7 +148,8 @@ subtest 'counts from both workers, exact' => sub {
     is(load('/ok', 4, 150), 0, '600 GET /ok from 4 clients answered');
     is(load('/nf', 2, 50), 0, '100 GET /nf answered');
     is(load('/teapot', 2, 25), 0, '50 GET /teapot answered');
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub { v($_[0], 't_duration_seconds_count', host => $host) >= 750 })
+        or return fail('scrape');
     is(metric_value($p, 't_requests_total', host => $host, status => 200), 600, '200: 600');
     is(metric_value($p, 't_requests_total', host => $host, status => 404), 100, '404: 100');
     is(metric_value($p, 't_requests_total', host => $host, status => 418), 50, '418: 50');
@@ -154,7 +166,7 @@ subtest 'counts from both workers, exact' => sub {
 
 subtest 'inherited from the http level' => sub {
     for (1 .. 7) { is($n->get([ '/x', 3 ])->{status}, 200, "GET on the third server ($_)") }
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub { v($_[0], 't_plain_total') >= 7 }) or return fail('scrape');
     is(metric_value($p, 't_plain_total'), 7, 't_plain_total 7');
 };
 
@@ -168,7 +180,10 @@ subtest 'values from variables; bad ones refused, counted, not recorded' => sub 
     for my $q ('v=abc&n=abc', 'v=&n=', 'v=1e999&n=1e999', 'v=1x&n=-2', 'v=inf&n=nan') {
         is($n->get([ "/size?$q", 2 ])->{status}, 204, "refused values: $q");
     }
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub {
+        v($_[0], 'shmprom_errors_total', kind => 'bad_value') - $bad0 >= 11
+            && v($_[0], 't_size_bytes_count', kind => 'query') >= 8
+    }) or return fail('scrape');
     my %b = map { $_ => metric_value($p, 't_size_bytes_bucket', kind => 'query', le => $_) }
             qw(10 100 1000 +Inf);
     is_deeply(\%b, { 10 => 4, 100 => 5, 1000 => 7, '+Inf' => 8 },
@@ -188,6 +203,7 @@ subtest 'label values from a header, escaped in the output' => sub {
     my $v = 'he said "hi" \\ ok';
     is($n->get([ '/label', 2 ], 'X-Label' => $v)->{status}, 204, 'request with X-Label');
     is($n->get([ '/label', 2 ])->{status}, 204, 'request without: an empty value');
+    scrape_when(sub { metric_sum($_[0], 't_label_total') >= 2 });
     my $r = $n->get('/metrics');
     like($r->{body}, qr/^t_label_total\{v="he said \\"hi\\" \\\\ ok"\} 1$/m, 'quote and backslash escaped');
     like($r->{body}, qr/^t_label_total\{v=""\} 1$/m, 'missing header: the empty value');
@@ -197,7 +213,8 @@ subtest 'one counter from the directives and from log_by_lua' => sub {
     my $p0 = scrape() or return fail('scrape');
     my $c0 = metric_value($p0, 't_requests_total', host => $host, status => 200);
     is(load('/lua', 2, 100), 0, '200 GET /lua answered');
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub { v($_[0], 't_requests_total', host => $host, status => 200) - $c0 >= 400 })
+        or return fail('scrape');
     is(metric_value($p, 't_requests_total', host => $host, status => 200) - $c0, 400,
        '400 more: 200 from the directive, 200 from Lua, one series');
 };
@@ -206,7 +223,9 @@ subtest 'subrequests are not recorded' => sub {
     my $p0 = scrape() or return fail('scrape');
     my $c0 = metric_value($p0, 't_requests_total', host => $host, status => 200);
     for (1 .. 5) { is($n->get([ '/parent', 2 ])->{body}, "ok\n", 'GET /parent (subrequest /ok)') }
-    my $p = scrape() or return fail('scrape');
+    # a subrequest's log phase runs before its main request's
+    my $p = scrape_when(sub { v($_[0], 't_requests_total', host => $host, status => 200) - $c0 >= 5 })
+        or return fail('scrape');
     is(metric_value($p, 't_requests_total', host => $host, status => 200) - $c0, 5, '5, not 10');
 };
 
@@ -214,10 +233,13 @@ subtest 'a worker killed -9: nothing lost' => sub {
     my $p0 = scrape() or return fail('scrape');
     my $c0 = metric_value($p0, 't_requests_total', host => $host, status => 404);
     is(load('/nf', 2, 30), 0, '60 GET /nf answered');
+    # recorded before the kill (a worker killed mid-request loses that one)
+    scrape_when(sub { v($_[0], 't_requests_total', host => $host, status => 404) - $c0 >= 60 });
     my ($victim) = $n->worker_pids;
     $n->kill_worker($victim, 'KILL');
     is(load('/nf', 2, 30), 0, '60 more after the kill');
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub { v($_[0], 't_requests_total', host => $host, status => 404) - $c0 >= 120 })
+        or return fail('scrape');
     is(metric_value($p, 't_requests_total', host => $host, status => 404) - $c0, 120,
        '120: the killed worker\'s counts stay (its plane is adopted)');
 };
@@ -227,7 +249,8 @@ subtest 'reload: counts kept, directives found again' => sub {
     my $c0 = metric_value($p0, 't_requests_total', host => $host, status => 418);
     ok(eval { $n->reload(wait_old => 1); 1 }, 'reload') or diag $@;
     is(load('/teapot', 2, 20), 0, '40 GET /teapot');
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub { v($_[0], 't_requests_total', host => $host, status => 418) - $c0 >= 40 })
+        or return fail('scrape');
     is(metric_value($p, 't_requests_total', host => $host, status => 418) - $c0, 40, '40 more, on top');
     is(metric_sum($p, 'shmprom_errors_total', kind => 'internal'), 0, 'no internal errors');
 };
@@ -241,7 +264,8 @@ subtest 'a reload naming an unknown metric is rejected; the running one records 
     my $p0 = scrape() or return fail('scrape');
     my $c0 = metric_value($p0, 't_requests_total', host => $host, status => 200);
     is(load('/ok', 2, 10), 0, '20 GET /ok');
-    my $p = scrape() or return fail('scrape');
+    my $p = scrape_when(sub { v($_[0], 't_requests_total', host => $host, status => 200) - $c0 >= 20 })
+        or return fail('scrape');
     is(metric_value($p, 't_requests_total', host => $host, status => 200) - $c0, 20,
        'the running configuration still records');
     $n->set_config(servers => $servers);
