@@ -116,6 +116,9 @@ shmprom_errors_total{kind="bad_value"} 4
 # TYPE shmprom_planes gauge
 shmprom_planes{state="in_use"} 2
 shmprom_planes{state="total"} 64
+# TYPE shmprom_plane_spares gauge
+shmprom_plane_spares{state="in_use"} 1
+shmprom_plane_spares{state="total"} 63
 # TYPE shmprom_render_duration_seconds gauge
 shmprom_render_duration_seconds NaN
 # TYPE shmprom_render_bytes gauge
@@ -328,6 +331,8 @@ is $z->{dropped}, 3, 'dropped summed';
 is $z->{errors}, 4, 'errors summed';
 is $z->{planes_in_use}, 2, 'planes in use';
 is $z->{planes_total}, 64, 'planes total';
+is $z->{spares_in_use}, 1, 'spares in use (workers without a plane)';
+is $z->{spares_total}, 63, 'spares total';
 
 # the other ways to ask and to pass the metrics
 sub strip { my %c = %{ $_[0] }; delete @c{qw(time pid)}; \%c }

@@ -66,7 +66,9 @@
 --       "series_by_family": {"dfs_gateway_requests_total": 12, ...},
 --       "dropped": 0,                   shmprom_series_dropped_total, summed
 --       "errors": 0,                    shmprom_errors_total, summed
---       "planes_in_use": 2, "planes_total": 64
+--       "planes_in_use": 2, "planes_total": 64,
+--       "spares_in_use": 0, "spares_total": 2   workers without a plane
+--                                              (a reload's new ones)
 --     }
 --   }
 --
@@ -504,6 +506,15 @@ H.shmprom_planes = function(s, st)
     end
 end
 
+H.shmprom_plane_spares = function(s, st)
+    local state = s.labels.state
+    if state == "in_use" then
+        add(st.zone, "spares_in_use", s.value)
+    elseif state == "total" then
+        add(st.zone, "spares_total", s.value)
+    end
+end
+
 -- Builds the status table (see the JSON shape above) from exposition text.
 function _M.build(text, now)
     local st = { ops = {}, nodes = {}, connections = {},
@@ -807,10 +818,11 @@ canvas { width: 100%; height: 140px; display: block; background: var(--card);
     <span data-k="zone.series" id="z-series">&ndash;</span> of
     <span data-k="zone.series_capacity" id="z-scap">&ndash;</span></div>
   <div class="card"><div class="k">Dropped series &middot; update errors
-    &middot; planes in use</div>
+    &middot; planes in use &middot; spares in use</div>
     <div class="v"><span data-k="zone.dropped" id="z-dropped">&ndash;</span>
     &middot; <span data-k="zone.errors" id="z-errors">&ndash;</span>
-    &middot; <span data-k="zone.planes_in_use" id="z-planes">&ndash;</span></div>
+    &middot; <span data-k="zone.planes_in_use" id="z-planes">&ndash;</span>
+    &middot; <span data-k="zone.spares_in_use" id="z-spares">&ndash;</span></div>
   </div>
 </div>
 </main>
@@ -1008,6 +1020,7 @@ canvas { width: 100%; height: 140px; display: block; background: var(--card);
     set(document.getElementById("z-dropped"), fmtCount(z.dropped), z.dropped);
     set(document.getElementById("z-errors"), fmtCount(z.errors), z.errors);
     set(document.getElementById("z-planes"), fmtCount(z.planes_in_use), z.planes_in_use);
+    set(document.getElementById("z-spares"), fmtCount(z.spares_in_use), z.spares_in_use);
     bar("bar-bytes", z.bytes_ratio);
     bar("bar-series", z.series_ratio);
   }
