@@ -45,8 +45,12 @@ pub struct FamilyInfo {
 /// `shmprom_errors_total` (the zone counts refused series itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordError {
-    /// No live counter or histogram of that id.
+    /// No counter or histogram of that id.
     NoFamily,
+    /// The family was retired (redefined with another shape by a reload;
+    /// the old workers' directives still name its id): it is out of the
+    /// output, so nothing is recorded, and nothing counted as an error.
+    Retired,
     /// A counter increment below 0, or a value that is not a finite number.
     BadValue,
     /// Not one label value per label name.
@@ -57,6 +61,7 @@ pub enum RecordError {
 
 /// What a record needs of its family, read once per epoch.
 struct Fam {
+    live: bool,
     histogram: bool,
     nlabels: usize,
     bounds: Vec<f64>,
@@ -121,6 +126,9 @@ impl Rules {
             self.zone.count_error(ERR_INTERNAL);
             return Err(RecordError::NoFamily);
         };
+        if !fam.live {
+            return Err(RecordError::Retired);
+        }
         let (histogram, nlabels) = (fam.histogram, fam.nlabels);
         let ok = value.is_finite() && (histogram || value >= 0.0);
         if !ok {
@@ -158,7 +166,8 @@ impl Rules {
         }
     }
 
-    /// Family `id` as a record needs it: a live counter or histogram.
+    /// Family `id` as a record needs it: a counter or histogram, live or
+    /// retired (a retirement moves the epoch, which reads it again).
     fn family(&mut self, id: u32) -> Option<&Fam> {
         let i = id as usize;
         if i >= self.fams.len() {
@@ -168,11 +177,12 @@ impl Rules {
             self.fams.resize_with(i + 1, || None);
         }
         if self.fams[i].is_none() {
-            let f = registry::family(&self.zone, id).filter(|f| f.live)?;
+            let f = registry::family(&self.zone, id)?;
             if f.kind == Kind::Gauge {
                 return None;
             }
             self.fams[i] = Some(Fam {
+                live: f.live,
                 histogram: f.kind == Kind::Histogram,
                 nlabels: f.labels.len(),
                 bounds: f.buckets.to_vec(),
@@ -295,6 +305,32 @@ mod tests {
                 .load(Ordering::Relaxed),
             0
         );
+    }
+
+    #[test]
+    fn a_retired_family_records_nothing_and_counts_nothing() {
+        let z = zone("rules-retired");
+        let old = define(&z, "req_total", Kind::Counter, &["host"], &[]);
+        let mut r = Rules::new(z);
+        r.record(old, 1.0, &[b"x"]).expect("inc");
+        // a reload redefines it with another label set: the old id retires
+        let new = define(&z, "req_total", Kind::Counter, &["host", "code"], &[]);
+        assert_ne!(old, new);
+        assert_eq!(r.record(old, 1.0, &[b"x"]), Err(RecordError::Retired));
+        assert_eq!(
+            registry::family(&z, old)
+                .expect("old")
+                .rec
+                .series
+                .load(Ordering::Relaxed),
+            0,
+            "no series made again in the retired family"
+        );
+        let errs: u64 = (0..6).map(|k| errors(&z, k)).sum();
+        assert_eq!(errs, 0, "not an error");
+        r.record(new, 1.0, &[b"x", b"200"])
+            .expect("the new family records");
+        assert_eq!(value(&z, new, &[b"x", b"200"], 0), 1.0);
     }
 
     #[test]

@@ -271,6 +271,20 @@ subtest 'a reload naming an unknown metric is rejected; the running one records 
     $n->set_config(servers => $servers);
 };
 
+subtest 'a reload redefining a metric: the directives record into the new one' => sub {
+    (my $init2 = $init) =~ s/\{10, 100, 1000\}/{1, 1000}/ or die 'buckets not found';
+    $n->set_config(init => $init2, servers => $servers);
+    ok(eval { $n->reload(wait_old => 1); 1 }, 'reload with other buckets for t_size_bytes') or diag $@;
+    is($n->get([ '/size?v=5&n=1', 2 ])->{status}, 204, 'observe 5');
+    my $p = scrape_when(sub { v($_[0], 't_size_bytes_count', kind => 'query') == 1 })
+        or return fail('scrape');
+    is(v($p, 't_size_bytes_count', kind => 'query'), 1, 'the new family: count 1 (the old one left)');
+    is(v($p, 't_size_bytes_bucket', kind => 'query', le => '1'), 0, 'new bound le="1": 0');
+    is(v($p, 't_size_bytes_bucket', kind => 'query', le => '1000'), 1, 'new bound le="1000": 1');
+    ok(!defined metric_value($p, 't_size_bytes_bucket', kind => 'query', le => '10'), 'old bound le="10" gone');
+    is(metric_sum($p, 'shmprom_errors_total', kind => 'internal'), 0, 'no internal errors');
+};
+
 $n->stop;
 
 # Each mistake fails the start, naming the directive, file and line.

@@ -238,9 +238,10 @@ pub unsafe extern "C" fn shmprom_rec_label(
 /// Records `value` for the series of `family` with the `n` label values at
 /// `values` (in the family's label order): a counter adds it, a histogram
 /// observes it. SHMPROM_OK; SHMPROM_EINVAL for a bad value or label count,
-/// SHMPROM_ENOENT for no such counter or histogram, SHMPROM_EFULL when the
-/// series could not be had. Every failure is counted in the zone's
-/// `shmprom_errors_total`.
+/// SHMPROM_ENOENT for no such counter or histogram (or a retired one:
+/// redefined by a reload, out of the output; not counted), SHMPROM_EFULL
+/// when the series could not be had. Every other failure is counted in the
+/// zone's `shmprom_errors_total`.
 ///
 /// # Safety
 /// `rec` comes from shmprom_rec_open, called by the thread that runs this
@@ -283,7 +284,7 @@ pub unsafe extern "C" fn shmprom_rec_record(
         match r.record(family, value, vals) {
             Ok(()) => SHMPROM_OK,
             Err(RecordError::BadValue | RecordError::LabelCount) => SHMPROM_EINVAL,
-            Err(RecordError::NoFamily) => SHMPROM_ENOENT,
+            Err(RecordError::NoFamily | RecordError::Retired) => SHMPROM_ENOENT,
             Err(RecordError::Series) => SHMPROM_EFULL,
         }
     }))
