@@ -471,14 +471,19 @@ H.dfs_gateway_node_probe_duration_seconds = function(s, st)
     node.probe_seconds = s.value
 end
 
-H.shmprom_zone_bytes = function(s, st)
-    local t = s.labels.type
-    if t == "used" then
-        add(st.zone, "bytes_used", s.value)
-    elseif t == "capacity" then
-        add(st.zone, "bytes_capacity", s.value)
+-- A handler adding each sample to the zone field that `keys` names for
+-- the value of its label `label` (others are left out).
+local function zone_by(label, keys)
+    return function(s, st)
+        local k = keys[s.labels[label]]
+        if k then
+            add(st.zone, k, s.value)
+        end
     end
 end
+
+H.shmprom_zone_bytes = zone_by("type", { used = "bytes_used",
+                                         capacity = "bytes_capacity" })
 
 H.shmprom_series = function(s, st)
     add(st.zone, "series", s.value)
@@ -497,23 +502,11 @@ H.shmprom_errors_total = function(s, st)
     add(st.zone, "errors", s.value)
 end
 
-H.shmprom_planes = function(s, st)
-    local state = s.labels.state
-    if state == "in_use" then
-        add(st.zone, "planes_in_use", s.value)
-    elseif state == "total" then
-        add(st.zone, "planes_total", s.value)
-    end
-end
+H.shmprom_planes = zone_by("state", { in_use = "planes_in_use",
+                                      total = "planes_total" })
 
-H.shmprom_plane_spares = function(s, st)
-    local state = s.labels.state
-    if state == "in_use" then
-        add(st.zone, "spares_in_use", s.value)
-    elseif state == "total" then
-        add(st.zone, "spares_total", s.value)
-    end
-end
+H.shmprom_plane_spares = zone_by("state", { in_use = "spares_in_use",
+                                            total = "spares_total" })
 
 -- Builds the status table (see the JSON shape above) from exposition text.
 function _M.build(text, now)
