@@ -69,9 +69,17 @@
 #define NGX_HTTP_SHMPROM_MAX_NUMBER  63
 
 
+/* a label value or a value: text with variables, or one variable alone
+ * (read as nginx keeps it: no copy) */
+typedef struct {
+    ngx_http_complex_value_t    cv;
+    ngx_int_t                   index;        /* the variable, or NGX_ERROR */
+} ngx_http_shmprom_value_t;
+
+
 typedef struct {
     ngx_str_t                   name;
-    ngx_http_complex_value_t    value;
+    ngx_http_shmprom_value_t    value;
 } ngx_http_shmprom_label_t;
 
 
@@ -79,7 +87,7 @@ typedef struct {
 typedef struct {
     ngx_str_t                   metric;
     ngx_uint_t                  observe;      /* 0: shmprom_inc */
-    ngx_http_complex_value_t   *value;        /* NULL: constant */
+    ngx_http_shmprom_value_t   *value;        /* NULL: constant */
     double                      constant;
     ngx_uint_t                  request_time; /* the value is $request_time */
     ngx_array_t                 labels;       /* ngx_http_shmprom_label_t */
@@ -90,7 +98,7 @@ typedef struct {
     shmprom_rec_hooks          *hooks;
     uint32_t                    family;
     uint32_t                    nlabels;
-    ngx_http_complex_value_t  **order;        /* in the family's order */
+    ngx_http_shmprom_value_t  **order;        /* in the family's order */
 } ngx_http_shmprom_rule_t;
 
 
@@ -436,6 +444,76 @@ ngx_http_shmprom_number(u_char *p, size_t len)
 }
 
 
+/* compiles `text`: one variable alone is read by its index */
+static ngx_int_t
+ngx_http_shmprom_compile(ngx_conf_t *cf, ngx_str_t *text,
+    ngx_http_shmprom_value_t *v)
+{
+    size_t                             i;
+    ngx_str_t                          name;
+    ngx_http_compile_complex_value_t   ccv;
+
+    v->index = NGX_ERROR;
+
+    if (text->len > 1 && text->data[0] == '$') {
+        name.data = text->data + 1;
+        name.len = text->len - 1;
+
+        for (i = 0; i < name.len; i++) {
+            if (!((name.data[i] >= 'a' && name.data[i] <= 'z')
+                  || (name.data[i] >= 'A' && name.data[i] <= 'Z')
+                  || (name.data[i] >= '0' && name.data[i] <= '9')
+                  || name.data[i] == '_'))
+            {
+                break;
+            }
+        }
+
+        if (i == name.len) {
+            v->index = ngx_http_get_variable_index(cf, &name);
+            if (v->index == NGX_ERROR) {
+                return NGX_ERROR;
+            }
+
+            return NGX_OK;
+        }
+    }
+
+    ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
+    ccv.cf = cf;
+    ccv.value = text;
+    ccv.complex_value = &v->cv;
+
+    return ngx_http_compile_complex_value(&ccv);
+}
+
+
+/* the text of a compiled value for this request (a variable nginx does not
+ * have for it: empty) */
+static ngx_int_t
+ngx_http_shmprom_eval(ngx_http_request_t *r, ngx_http_shmprom_value_t *v,
+    ngx_str_t *out)
+{
+    ngx_http_variable_value_t  *vv;
+
+    if (v->index == NGX_ERROR) {
+        return ngx_http_complex_value(r, &v->cv, out);
+    }
+
+    vv = ngx_http_get_flushed_variable(r, v->index);
+
+    if (vv == NULL || vv->not_found) {
+        ngx_str_null(out);
+        return NGX_OK;
+    }
+
+    out->data = vv->data;
+    out->len = vv->len;
+
+    return NGX_OK;
+}
+
+
 /*
  * shmprom_inc metric [value] [label=value ...];
  * shmprom_observe metric value [label=value ...];
@@ -451,7 +529,6 @@ ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_shmprom_rule_t           *rule, **rp;
     ngx_http_shmprom_label_t          *label, *labels;
     ngx_http_shmprom_main_conf_t      *mcf;
-    ngx_http_compile_complex_value_t   ccv;
 
     args = cf->args->elts;
 
@@ -524,12 +601,7 @@ ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         label->name = name;
 
-        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-        ccv.cf = cf;
-        ccv.value = &text;
-        ccv.complex_value = &label->value;
-
-        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        if (ngx_http_shmprom_compile(cf, &text, &label->value) != NGX_OK) {
             return NGX_CONF_ERROR;
         }
     }
@@ -549,17 +621,12 @@ ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     } else if (value && ngx_strlchr(value->data, value->data + value->len,
                                     '$'))
     {
-        rule->value = ngx_palloc(cf->pool, sizeof(ngx_http_complex_value_t));
+        rule->value = ngx_palloc(cf->pool, sizeof(ngx_http_shmprom_value_t));
         if (rule->value == NULL) {
             return NGX_CONF_ERROR;
         }
 
-        ngx_memzero(&ccv, sizeof(ngx_http_compile_complex_value_t));
-        ccv.cf = cf;
-        ccv.value = value;
-        ccv.complex_value = rule->value;
-
-        if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        if (ngx_http_shmprom_compile(cf, value, rule->value) != NGX_OK) {
             return NGX_CONF_ERROR;
         }
 
@@ -704,7 +771,7 @@ ngx_http_shmprom_resolve(ngx_shm_zone_t *shm, void *data)
         }
 
         rule->order = ngx_pcalloc(mcf->pool, (fam.nlabels + 1)
-                                  * sizeof(ngx_http_complex_value_t *));
+                                  * sizeof(ngx_http_shmprom_value_t *));
         if (rule->order == NULL) {
             return NGX_ERROR;
         }
@@ -941,7 +1008,7 @@ ngx_http_shmprom_record_rules(ngx_http_request_t *r, ngx_array_t *rules)
         }
 
         for (k = 0; k < rule->nlabels; k++) {
-            if (ngx_http_complex_value(r, rule->order[k], &s) != NGX_OK) {
+            if (ngx_http_shmprom_eval(r, rule->order[k], &s) != NGX_OK) {
                 break;
             }
 
@@ -958,7 +1025,7 @@ ngx_http_shmprom_record_rules(ngx_http_request_t *r, ngx_array_t *rules)
             v = ngx_http_shmprom_request_time(r);
 
         } else if (rule->value) {
-            if (ngx_http_complex_value(r, rule->value, &s) != NGX_OK) {
+            if (ngx_http_shmprom_eval(r, rule->value, &s) != NGX_OK) {
                 continue;
             }
 
