@@ -46,9 +46,10 @@
  * zones, once the last of them is initialised: this module finds the
  * metrics from the init of a small shared memory zone of its own, added
  * after theirs, which runs after both (and whose failure makes nginx
- * reject the configuration, as the lua module's does). Label values and the value are nginx complex values evaluated in
- * the log phase of each main request; $request_time alone is read as
- * nginx keeps it, not formatted and parsed.
+ * reject the configuration, as the lua module's does). Label values and
+ * the value are nginx complex values evaluated in the log phase of each
+ * main request (one variable alone is read by its index, not copied);
+ * $request_time alone is read as nginx keeps it, not formatted and parsed.
  */
 
 #include <ngx_config.h>
