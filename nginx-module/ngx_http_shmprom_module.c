@@ -75,6 +75,7 @@
 typedef struct {
     ngx_http_complex_value_t    cv;
     ngx_int_t                   index;        /* the variable, or NGX_ERROR */
+    ngx_uint_t                  status;       /* it is $status */
 } ngx_http_shmprom_value_t;
 
 
@@ -455,6 +456,7 @@ ngx_http_shmprom_compile(ngx_conf_t *cf, ngx_str_t *text,
     ngx_http_compile_complex_value_t   ccv;
 
     v->index = NGX_ERROR;
+    v->status = 0;
 
     if (text->len > 1 && text->data[0] == '$') {
         name.data = text->data + 1;
@@ -471,6 +473,12 @@ ngx_http_shmprom_compile(ngx_conf_t *cf, ngx_str_t *text,
         }
 
         if (i == name.len) {
+            /* $status: formatted here, not by nginx's handler (which
+             * prints it with ngx_sprintf into the request's pool on every
+             * read) */
+            v->status = (name.len == sizeof("status") - 1
+                         && ngx_strncmp(name.data, "status", name.len) == 0);
+
             v->index = ngx_http_get_variable_index(cf, &name);
             if (v->index == NGX_ERROR) {
                 return NGX_ERROR;
@@ -490,12 +498,40 @@ ngx_http_shmprom_compile(ngx_conf_t *cf, ngx_str_t *text,
 
 
 /* the text of a compiled value for this request (a variable nginx does not
- * have for it: empty) */
+ * have for it: empty); $status goes into buf (3 bytes) */
 static ngx_int_t
 ngx_http_shmprom_eval(ngx_http_request_t *r, ngx_http_shmprom_value_t *v,
-    ngx_str_t *out)
+    ngx_str_t *out, u_char *buf)
 {
+    ngx_uint_t                  status;
     ngx_http_variable_value_t  *vv;
+
+    if (v->status) {
+        /* as $status: "%03ui" of the first of these that is set */
+        if (r->err_status) {
+            status = r->err_status;
+
+        } else if (r->headers_out.status) {
+            status = r->headers_out.status;
+
+        } else if (r->http_version == NGX_HTTP_VERSION_9) {
+            status = 9;
+
+        } else {
+            status = 0;
+        }
+
+        if (status <= 999) {
+            buf[0] = (u_char) ('0' + status / 100);
+            buf[1] = (u_char) ('0' + status / 10 % 10);
+            buf[2] = (u_char) ('0' + status % 10);
+            out->data = buf;
+            out->len = 3;
+            return NGX_OK;
+        }
+
+        /* never seen: nginx's own formatting then */
+    }
 
     if (v->index == NGX_ERROR) {
         return ngx_http_complex_value(r, &v->cv, out);
@@ -994,6 +1030,7 @@ static void
 ngx_http_shmprom_record_rules(ngx_http_request_t *r, ngx_array_t *rules)
 {
     double                     v;
+    u_char                     buf[NGX_HTTP_SHMPROM_MAX_LABELS + 1][4];
     ngx_str_t                  s;
     ngx_uint_t                 i, k;
     shmprom_str                values[NGX_HTTP_SHMPROM_MAX_LABELS];
@@ -1009,7 +1046,9 @@ ngx_http_shmprom_record_rules(ngx_http_request_t *r, ngx_array_t *rules)
         }
 
         for (k = 0; k < rule->nlabels; k++) {
-            if (ngx_http_shmprom_eval(r, rule->order[k], &s) != NGX_OK) {
+            if (ngx_http_shmprom_eval(r, rule->order[k], &s, buf[k])
+                != NGX_OK)
+            {
                 break;
             }
 
@@ -1026,7 +1065,10 @@ ngx_http_shmprom_record_rules(ngx_http_request_t *r, ngx_array_t *rules)
             v = ngx_http_shmprom_request_time(r);
 
         } else if (rule->value) {
-            if (ngx_http_shmprom_eval(r, rule->value, &s) != NGX_OK) {
+            if (ngx_http_shmprom_eval(r, rule->value, &s,
+                                      buf[NGX_HTTP_SHMPROM_MAX_LABELS])
+                != NGX_OK)
+            {
                 continue;
             }
 
