@@ -96,8 +96,27 @@ macro_rules! nonnull {
     };
 }
 
-/// Label values kept on the stack by [`slices_in`]; more take the heap.
+/// Label values kept on the stack by [`collect_in`]; more take the heap.
 const STACK_VALUES: usize = 8;
+
+/// The `n` strings `get(0..n)` into `stack` when they fit (no allocation:
+/// the miss path and the directives' recorder run this per call), else
+/// into `heap`; None when `get` gives None for one.
+fn collect_in<'s, 'a>(
+    n: usize,
+    mut get: impl FnMut(usize) -> Option<&'a [u8]>,
+    stack: &'s mut [&'a [u8]; STACK_VALUES],
+    heap: &'s mut Vec<&'a [u8]>,
+) -> Option<&'s [&'a [u8]]> {
+    if n > STACK_VALUES {
+        *heap = (0..n).map(&mut get).collect::<Option<Vec<_>>>()?;
+        return Some(heap);
+    }
+    for (i, slot) in stack[..n].iter_mut().enumerate() {
+        *slot = get(i)?;
+    }
+    Some(&stack[..n])
+}
 
 /// Borrows `n` (ptr, len) strings given by C.
 ///
@@ -109,19 +128,17 @@ unsafe fn slices<'a>(
     ptrs: *const *const c_char,
     lens: *const usize,
 ) -> Option<Vec<&'a [u8]>> {
-    let mut v = Vec::with_capacity(n as usize);
-    for i in 0..n as usize {
+    (0..n as usize)
         // SAFETY: i < n entries, per the contract passed on.
-        v.push(unsafe { nth(ptrs, lens, i) }?);
-    }
-    Some(v)
+        .map(|i| unsafe { nth(ptrs, lens, i) })
+        .collect()
 }
 
-/// [`slices`] into `stack` when they fit (no allocation: the miss path
-/// runs this once per new label set), else into `heap`.
+/// [`slices`] through [`collect_in`]: on the stack when they fit.
 ///
 /// # Safety
-/// As for [`slices`].
+/// `ptrs` and `lens` must point at `n` entries each, and each pointer at
+/// `len` readable bytes (any pointer when its len is 0).
 unsafe fn slices_in<'s, 'a>(
     n: u32,
     ptrs: *const *const c_char,
@@ -129,17 +146,13 @@ unsafe fn slices_in<'s, 'a>(
     stack: &'s mut [&'a [u8]; STACK_VALUES],
     heap: &'s mut Vec<&'a [u8]>,
 ) -> Option<&'s [&'a [u8]]> {
-    let n = n as usize;
-    if n > STACK_VALUES {
-        // SAFETY: per the contract passed on.
-        *heap = unsafe { slices(n as u32, ptrs, lens) }?;
-        return Some(heap);
-    }
-    for (i, slot) in stack[..n].iter_mut().enumerate() {
+    collect_in(
+        n as usize,
         // SAFETY: i < n entries, per the contract passed on.
-        *slot = unsafe { nth(ptrs, lens, i) }?;
-    }
-    Some(&stack[..n])
+        |i| unsafe { nth(ptrs, lens, i) },
+        stack,
+        heap,
+    )
 }
 
 /// String `i` of (ptrs, lens); None when a non-empty one is NULL.

@@ -8,8 +8,8 @@
 #![allow(non_camel_case_types)]
 
 use super::{
-    bytes, set_err, shmprom_zone, zone, PerZone, SHMPROM_ABI_VERSION, SHMPROM_EFULL,
-    SHMPROM_EINVAL, SHMPROM_ENOENT, SHMPROM_EPANIC, SHMPROM_OK,
+    bytes, collect_in, set_err, shmprom_zone, zone, PerZone, SHMPROM_ABI_VERSION, SHMPROM_EFULL,
+    SHMPROM_EINVAL, SHMPROM_ENOENT, SHMPROM_EPANIC, SHMPROM_OK, STACK_VALUES,
 };
 use crate::rules::{RecordError, Rules};
 use std::ffi::{c_char, c_int};
@@ -92,9 +92,6 @@ pub struct shmprom_rec_hooks {
 
 /// The directive recorders of this process, one per zone.
 static RECORDERS: PerZone<Rules> = PerZone::new();
-
-/// Label values of one record taken on the stack; more take the heap.
-const STACK_VALUES: usize = 8;
 
 /// Makes (or remakes) this process's directive recorder for zone `z`.
 /// Call it where no request is being recorded (init_by_lua): a recorder
@@ -266,21 +263,13 @@ pub unsafe extern "C" fn shmprom_rec_record(
             // SAFETY: values holds n entries per the contract.
             unsafe { std::slice::from_raw_parts(values, n as usize) }
         };
-        let mut stack: [&[u8]; STACK_VALUES] = [&[]; STACK_VALUES];
+        let mut stack = [&[][..]; STACK_VALUES];
         let mut heap = Vec::new();
-        let vals: &mut [&[u8]] = if raw.len() <= STACK_VALUES {
-            &mut stack[..raw.len()]
-        } else {
-            heap.resize(raw.len(), &[][..]);
-            &mut heap
+        // SAFETY: each string is readable per the contract.
+        let get = |i: usize| unsafe { bytes(raw[i].data, raw[i].len) };
+        let Some(vals) = collect_in(raw.len(), get, &mut stack, &mut heap) else {
+            return SHMPROM_EINVAL;
         };
-        for (out, s) in vals.iter_mut().zip(raw) {
-            // SAFETY: each string is readable per the contract.
-            match unsafe { bytes(s.data, s.len) } {
-                Some(b) => *out = b,
-                None => return SHMPROM_EINVAL,
-            }
-        }
         match r.record(family, value, vals) {
             Ok(()) => SHMPROM_OK,
             Err(RecordError::BadValue | RecordError::LabelCount) => SHMPROM_EINVAL,
