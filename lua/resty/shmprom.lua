@@ -225,24 +225,31 @@ local function try_claim(z)
     end
 end
 
+-- (internal; resty.shmprom.gateway uses it too) The function `name` of
+-- ngx_http_shmprom_module (declared as `decl`, after the library's
+-- cdefs), or nil when nginx did not load the module. Looked up in nginx's
+-- own namespace (it loads modules RTLD_GLOBAL), not the library's.
+local module_declared = {}
+function _M._module_function(name, decl)
+    if not module_declared[name] then
+        -- pcall: declared already when this file is loaded again in the VM
+        pcall(ffi.cdef, decl)
+        module_declared[name] = true
+    end
+    local ok, fn = pcall(function()
+        return ffi.C[name]
+    end)
+    return ok and fn or nil
+end
+
 -- Hands the zone's directive recorder to ngx_http_shmprom_module when
 -- nginx loaded it (its shmprom_inc / shmprom_observe directives find their
 -- metrics in the zones attached while nginx reads the configuration: in
 -- init_by_lua*, in the master).
-local attach_declared = false
 local function attach_module(z)
-    if not attach_declared then
-        -- pcall: declared already when this file is loaded again in the VM
-        pcall(ffi.cdef,
-              "int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);")
-        attach_declared = true
-    end
-    local ok, attach = pcall(function()
-        -- nginx's own namespace (it loads modules RTLD_GLOBAL), not the
-        -- library's
-        return ffi.C.ngx_http_shmprom_attach
-    end)
-    if not ok then
+    local attach = _M._module_function("ngx_http_shmprom_attach",
+        "int ngx_http_shmprom_attach(const shmprom_rec_hooks *hooks);")
+    if not attach then
         return -- the module is not loaded
     end
     local rec = C.shmprom_rec_open(z.ptr, errbuf, ERRLEN)

@@ -341,20 +341,10 @@ _M.walk_upstream = walk_upstream
 -- Hands the recorder's hooks to ngx_http_shmprom_module when nginx loaded
 -- it. Returns how many servers/locations have "shmprom_gateway on" (0:
 -- the Lua phase handlers record), or nil and why the module cannot be used.
-local module_declared = false
 local function attach_module(m, fams)
-    if not module_declared then
-        local ffi = require "ffi"
-        -- after resty.shmprom's cdefs (shmprom_gw_hooks)
-        ffi.cdef("int ngx_http_shmprom_gateway_attach("
-                 .. "const shmprom_gw_hooks *hooks);")
-        module_declared = true
-    end
-    local C = require("ffi").C
-    local ok, attach = pcall(function()
-        return C.ngx_http_shmprom_gateway_attach
-    end)
-    if not ok then
+    local attach = shmprom._module_function("ngx_http_shmprom_gateway_attach",
+        "int ngx_http_shmprom_gateway_attach(const shmprom_gw_hooks *hooks);")
+    if not attach then
         return nil, "ngx_http_shmprom_module is not loaded (load_module)"
     end
     local hooks, err = m:gateway_hooks(fams)
