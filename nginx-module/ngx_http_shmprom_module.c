@@ -399,13 +399,14 @@ ngx_http_shmprom_gateway(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* a label name: [a-zA-Z_][a-zA-Z0-9_]* */
+/* [a-zA-Z0-9_]+: a variable's name; a label name when it does not start
+ * with a digit */
 static ngx_uint_t
-ngx_http_shmprom_label_name(u_char *p, size_t len)
+ngx_http_shmprom_word(u_char *p, size_t len)
 {
     size_t  i;
 
-    if (len == 0 || (p[0] >= '0' && p[0] <= '9')) {
+    if (len == 0) {
         return 0;
     }
 
@@ -451,7 +452,6 @@ static ngx_int_t
 ngx_http_shmprom_compile(ngx_conf_t *cf, ngx_str_t *text,
     ngx_http_shmprom_value_t *v)
 {
-    size_t                             i;
     ngx_str_t                          name;
     ngx_http_compile_complex_value_t   ccv;
 
@@ -462,17 +462,7 @@ ngx_http_shmprom_compile(ngx_conf_t *cf, ngx_str_t *text,
         name.data = text->data + 1;
         name.len = text->len - 1;
 
-        for (i = 0; i < name.len; i++) {
-            if (!((name.data[i] >= 'a' && name.data[i] <= 'z')
-                  || (name.data[i] >= 'A' && name.data[i] <= 'Z')
-                  || (name.data[i] >= '0' && name.data[i] <= '9')
-                  || name.data[i] == '_'))
-            {
-                break;
-            }
-        }
-
-        if (i == name.len) {
+        if (ngx_http_shmprom_word(name.data, name.len)) {
             /* $status: formatted here, not by nginx's handler (which
              * prints it with ngx_sprintf into the request's pool on every
              * read) */
@@ -593,7 +583,8 @@ ngx_http_shmprom_rule(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         eq = ngx_strlchr(args[i].data, args[i].data + args[i].len, '=');
 
         if (eq == NULL
-            || !ngx_http_shmprom_label_name(args[i].data, eq - args[i].data))
+            || !ngx_http_shmprom_word(args[i].data, eq - args[i].data)
+            || (args[i].data[0] >= '0' && args[i].data[0] <= '9'))
         {
             if (value) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
