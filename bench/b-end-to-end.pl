@@ -30,9 +30,10 @@ my $WARM = $QUICK ? 1 : 2;
 my @WRK = (threads => 2, conns => 50, secs => $SECS, latency => 1);
 my $only = $ENV{BENCH_B_PART} || 'all';
 
-# peer default buckets (19, +Inf added by each library): the same metric set
-my $BUCKETS = '{ 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, '
-            . '0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10 }';
+# The README example's metrics and log functions, and the peer's buckets
+# (the same metric set): bench/lua/shmprom_bench/readme.lua, shared with
+# bench/log-callgrind.sh.
+my $README_LUA = "$FindBin::Bin/lua/shmprom_bench/readme.lua";
 
 # The README example (README.md, "A complete example") calls a function
 # defined in init_by_lua from log_by_lua (LuaJIT compiles it; it never
@@ -45,20 +46,6 @@ my $BUCKETS = '{ 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, '
 # nginx-lua-prometheus's README (four ngx.var reads: $server_name twice,
 # $status, $request_time), with shmprom, with the peer, and with nothing
 # recorded.
-# defined in init_by_lua, after the two metrics
-my $FUNCS = <<'EOL';
-        local requests, latency = metric_requests, metric_latency
-        function log_request()
-            local host = ngx.var.host
-            requests:inc(1, host, ngx.status)
-            latency:observe(ngx.now() - ngx.req.start_time(), host)
-        end
-        function log_vars()
-            local host = ngx.var.host
-            local status, rt = ngx.status, ngx.now() - ngx.req.start_time()
-            last_host, last_status, last_rt = host, status, rt
-        end
-EOL
 my %LOG = (
     plain => '',
     vars => <<'EOL',
@@ -105,8 +92,8 @@ EOL
 );
 my %DESC = (
     plain => 'plain nginx: `return 200 "hello\n"`, no log_by_lua',
-    vars => 'same + log_by_lua calling a function (defined in init_by_lua) that does the README example\'s reads (`ngx.var.host`, `ngx.status`, `ngx.now() - ngx.req.start_time()`) and keeps the values in globals, recording nothing',
-    readme => 'same + the README example: log_by_lua calls a function defined in init_by_lua (counter inc by host and status, histogram observe by host of the request time, 19 buckets; label values as arguments)',
+    vars => 'same + log_by_lua calling a function (`log_vars`, below) that does the README example\'s reads (`ngx.var.host`, `ngx.status`, `ngx.now() - ngx.req.start_time()`) and keeps the values, recording nothing',
+    readme => 'same + the README example: log_by_lua calls a function (`log_request`, below; the README defines it in init_by_lua) (counter inc by host and status, histogram observe by host of the request time, 19 buckets; label values as arguments)',
     vars_inline => 'vars with the reads in the log_by_lua_block itself (interpreted: LuaJIT starts no trace in a chunk)',
     readme_inline => 'readme with the code in the log_by_lua_block itself',
     readme_module => 'same metrics recorded by ngx_http_shmprom_module\'s directives (README, "Without Lua in the log phase"): `shmprom_inc` by host and status, `shmprom_observe` of `$request_time` by host; no Lua in the log phase',
@@ -137,7 +124,7 @@ EOS
         peer_requests = peer_prom:counter("nginx_http_requests_total",
             "Number of HTTP requests", {"host", "status"})
         peer_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, $BUCKETS)
+            "HTTP request latency", {"host"}, require("shmprom_bench.readme").BUCKETS)
 EOL
     my ($mport) = free_ports(1);
     my $module = shmprom_module();
@@ -146,11 +133,9 @@ EOL
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         metrics = shmprom.new{ zone = "bench_b", size = "16m" }
-        metric_requests = metrics:counter("nginx_http_requests_total",
-            "Number of HTTP requests", {"host", "status"})
-        metric_latency = metrics:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, $BUCKETS)
-$FUNCS    }
+        metric_requests, metric_latency, log_request, log_vars =
+            require("shmprom_bench.readme").setup(metrics)
+    }
     init_worker_by_lua_block {
         metrics:init_worker()
 $peer_init
@@ -369,10 +354,7 @@ sub diag {
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
         metrics = shmprom.new{ zone = "bench_b_diag", size = "16m" }
-        metric_requests = metrics:counter("nginx_http_requests_total",
-            "Number of HTTP requests", {"host", "status"})
-        metric_latency = metrics:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, $BUCKETS)
+        metric_requests, metric_latency = require("shmprom_bench.readme").setup(metrics)
         ST = { n = 0, clock = 0, readme_vars = 0, readme_record = 0,
                readme_args = 0, preset_vars = 0, map_parse = 0 }
         local find, sub = string.find, string.sub
@@ -515,8 +497,9 @@ if ($only eq 'all' || $only eq 'micro') {
         next unless $LOG{$c};
         $md .= "- $c:\n\n```nginx\n$LOG{$c}```\n\n";
     }
-    $md .= "The functions `log_request` and `log_vars`, defined in init_by_lua after the "
-         . "two metrics:\n\n```lua\n$FUNCS```\n\n";
+    $md .= "The metrics and the functions `log_request` and `log_vars` "
+         . "(bench/lua/shmprom_bench/readme.lua, `setup(metrics)` in init_by_lua):\n\n```lua\n"
+         . slurp($README_LUA) . "```\n\n";
     if (!$PEER) {
         $md .= "Peer (nginx-lua-prometheus) **from anchors.md, not measured here**: its README "
              . "example costs 16-19% of a plain nginx's req/s (0.81 of plain, 0.92 of the "

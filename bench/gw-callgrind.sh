@@ -23,7 +23,9 @@ for t in valgrind callgrind_control curl perl; do
     command -v "$t" >/dev/null || { echo "gw-callgrind: $t is missing" >&2; exit 1; }
 done
 W=$(mktemp -d /tmp/shmprom-gwcg.XXXXXX)
-free_port() { perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen=>1,LocalAddr=>"127.0.0.1",LocalPort=>0)->sockport'; }
+# shellcheck source=lib/callgrind.sh
+. "$REPO/bench/lib/callgrind.sh"
+CG_DIR=$W
 GP=$(free_port); MP=$(free_port); N1=$(free_port); N2=$(free_port); N3=$(free_port)
 export GATEWAY_PORT=$GP METRICS_PORT=$MP NODE_PORTS="$N1 $N2 $N3" VAR_DIR=$W/var RECORDER=module
 cleanup() { "$REPO/scripts/run-gateway.sh" stop >/dev/null 2>&1 || true; [[ -n ${KEEP:-} ]] || rm -rf "$W"; }
@@ -53,30 +55,12 @@ variant() {
         print $c;' "$@"
 }
 
-urls() { # port count
-    local i; for ((i = 0; i < $2; i++)); do printf 'url = "http://127.0.0.1:%s/bench-1k.bin"\noutput = /dev/null\n' "$1"; done
-}
-
 declare -A IR
 for mode in nm module lua; do
     port=$(free_port); mport=$(free_port)
     variant "$mode" "$port" "$mport" "$GP" "$MP" "$W" <"$W/var/conf/gateway.conf" >"$W/cg-$mode.conf"
-    valgrind --tool=callgrind --callgrind-out-file="$W/cg.$mode" nginx -p "$W/" \
-        -e "$W/cg-$mode.err" -c "$W/cg-$mode.conf" >"$W/vg-$mode.log" 2>&1 &
-    vpid=$!
-    up=
-    for _ in $(seq 1 150); do
-        if curl -s -o /dev/null "http://127.0.0.1:$port/bench-1k.bin"; then up=1; break; fi
-        sleep 0.2
-    done
-    [[ -n $up ]] || { echo "gw-callgrind: $mode did not start:" >&2; tail -5 "$W/vg-$mode.log" "$W/cg-$mode.err" >&2; kill "$vpid"; exit 1; }
-    urls "$port" 1000 >"$W/warm"; curl -s -K "$W/warm"
-    callgrind_control -z "$vpid" >/dev/null 2>&1
-    urls "$port" "$N" >"$W/timed"; curl -s -K "$W/timed"
-    callgrind_control -d "$vpid" >/dev/null 2>&1
-    kill "$vpid"; wait "$vpid" 2>/dev/null || true
-    f=$(ls -t "$W"/cg."$mode".* | head -n 1)
-    ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$f")
+    ir=$(cg_count "$mode" "http://127.0.0.1:$port/bench-1k.bin" "$N" "$W/cg-$mode.err" -- \
+        -p "$W/" -e "$W/cg-$mode.err" -c "$W/cg-$mode.conf") || exit 1
     IR[$mode]=$ir
     printf '%-7s %12s instructions / %d GETs = %6d per request\n' "$mode" "$ir" "$N" $((ir / N))
 done

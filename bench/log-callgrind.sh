@@ -11,10 +11,9 @@
 #   bench/log-callgrind.sh [REQUESTS]        (default 3000)
 #
 # Each variant runs in its own single-process nginx (master_process off,
-# access_log off) under valgrind --tool=callgrind; curl sends 1000 GETs
-# over one keepalive connection to warm up (LuaJIT compiles what it will),
-# the counters are zeroed (callgrind_control -z), REQUESTS more GETs
-# follow, and the counters are dumped (callgrind_control -d).
+# access_log off), counted by bench/lib/callgrind.sh's cg_count (1000
+# warm-up GETs over one keepalive connection, then REQUESTS counted ones);
+# the metrics and log functions are (b)'s, bench/lua/shmprom_bench/readme.lua.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=${1:-3000}
@@ -28,7 +27,9 @@ W=$(mktemp -d /tmp/shmprom-logcg.XXXXXX)
 cleanup() { [[ -n ${KEEP:-} ]] || rm -rf "$W"; }
 trap cleanup EXIT
 mkdir -p "$W/logs"
-free_port() { perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen=>1,LocalAddr=>"127.0.0.1",LocalPort=>0)->sockport'; }
+# shellcheck source=lib/callgrind.sh
+. "$REPO/bench/lib/callgrind.sh"
+CG_DIR=$W
 user=
 [[ $(id -u) == 0 ]] && user='user root root;'
 
@@ -58,28 +59,15 @@ error_log $W/logs/$1.err notice;
 events { worker_connections 64; }
 http {
     access_log off;
-    lua_package_path "$REPO/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
+    lua_package_path "$REPO/lua/?.lua;$REPO/bench/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
     lua_package_cpath "$REPO/target/release/?.so;;";
     client_body_temp_path $W/body;
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         metrics = shmprom.new{ zone = "logcg", size = "16m" }
-        metric_requests = metrics:counter("nginx_http_requests_total",
-            "Requests", {"host", "status"})
-        metric_latency = metrics:histogram("nginx_http_request_duration_seconds",
-            "Latency", {"host"}, { 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2,
-            0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10 })
-        local requests, latency = metric_requests, metric_latency
-        function log_request()
-            local host = ngx.var.host
-            requests:inc(1, host, ngx.status)
-            latency:observe(ngx.now() - ngx.req.start_time(), host)
-        end
-        function log_vars()
-            local host = ngx.var.host
-            local status, rt = ngx.status, ngx.now() - ngx.req.start_time()
-            last_host, last_status, last_rt = host, status, rt
-        end
+        -- the metrics and log functions of bench (b)
+        metric_requests, metric_latency, log_request, log_vars =
+            require("shmprom_bench.readme").setup(metrics)
     }
     init_worker_by_lua_block { metrics:init_worker() }
     server {
@@ -92,30 +80,12 @@ http {
 EOF
 }
 
-urls() { # port count
-    local i; for ((i = 0; i < $2; i++)); do printf 'url = "http://127.0.0.1:%s/"\noutput = /dev/null\n' "$1"; done
-}
-
 declare -A IR
 for v in plain vars_inline readme_inline vars readme module; do
     port=$(free_port)
     conf "$v" "$port" >"$W/$v.conf"
-    valgrind --tool=callgrind --callgrind-out-file="$W/cg.$v" nginx -p "$W/" \
-        -c "$W/$v.conf" >"$W/vg-$v.log" 2>&1 &
-    vpid=$!
-    up=
-    for _ in $(seq 1 150); do
-        if curl -s -o /dev/null "http://127.0.0.1:$port/"; then up=1; break; fi
-        sleep 0.2
-    done
-    [[ -n $up ]] || { echo "log-callgrind: $v did not start:" >&2; tail -5 "$W/vg-$v.log" "$W/logs/$v.err" >&2; kill "$vpid"; exit 1; }
-    urls "$port" 1000 >"$W/warm"; curl -s -K "$W/warm"
-    callgrind_control -z "$vpid" >/dev/null 2>&1
-    urls "$port" "$N" >"$W/timed"; curl -s -K "$W/timed"
-    callgrind_control -d "$vpid" >/dev/null 2>&1
-    kill "$vpid"; wait "$vpid" 2>/dev/null || true
-    f=$(ls -t "$W"/cg."$v".* | head -n 1)
-    ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$f")
+    ir=$(cg_count "$v" "http://127.0.0.1:$port/" "$N" "$W/logs/$v.err" -- \
+        -p "$W/" -c "$W/$v.conf") || exit 1
     IR[$v]=$ir
     printf '%-14s %12s instructions / %d GETs = %6d per request (+%d over plain)\n' \
         "$v" "$ir" "$N" $((ir / N)) $(((ir - ${IR[plain]}) / N))
