@@ -59,12 +59,36 @@ pub enum RecordError {
     Series,
 }
 
-/// What a record needs of its family, read once per epoch.
+/// What a record needs of its family, read once per epoch, and the label
+/// values of its last record with their series: a location's directives
+/// see the same `$host` request after request, and one comparison spares
+/// the key, its hash and the cache lookup.
 struct Fam {
     live: bool,
     histogram: bool,
     nlabels: usize,
     bounds: Vec<f64>,
+    /// The last label values, encoded as in [`Rules::series`] without the
+    /// family id; valid when `last_idx` is Some.
+    last: Vec<u8>,
+    last_idx: Option<u32>,
+}
+
+impl Fam {
+    /// The series of the last record when `values` are its label values.
+    fn same_as_last(&self, values: &[&[u8]]) -> Option<u32> {
+        let idx = self.last_idx?;
+        let mut rest = &self.last[..];
+        for v in values {
+            let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+            let tail = &rest[4..];
+            if len as usize != v.len() || !tail.starts_with(v) {
+                return None;
+            }
+            rest = &tail[v.len()..];
+        }
+        rest.is_empty().then_some(idx)
+    }
 }
 
 /// Per-process recording state of one zone's directives.
@@ -122,32 +146,41 @@ impl Rules {
     /// series on first use. Never panics on bad input: it counts it.
     pub fn record(&mut self, id: u32, value: f64, values: &[&[u8]]) -> Result<(), RecordError> {
         self.refresh();
-        let Some(fam) = self.family(id) else {
+        let Some((i, fam)) = self
+            .family(id)
+            .and_then(|i| Some((i, self.fams[i].as_ref()?)))
+        else {
             self.zone.count_error(ERR_INTERNAL);
             return Err(RecordError::NoFamily);
         };
         if !fam.live {
             return Err(RecordError::Retired);
         }
-        let (histogram, nlabels) = (fam.histogram, fam.nlabels);
-        let ok = value.is_finite() && (histogram || value >= 0.0);
+        let ok = value.is_finite() && (fam.histogram || value >= 0.0);
         if !ok {
             self.zone.count_error(ERR_BAD_VALUE);
             return Err(RecordError::BadValue);
         }
-        if values.len() != nlabels {
+        if values.len() != fam.nlabels {
             self.zone.count_error(ERR_BAD_LABELS);
             return Err(RecordError::LabelCount);
         }
-        let idx = self.series(id, values)? as u64;
-        if histogram {
-            let bounds = match self.fams.get(id as usize) {
-                Some(Some(f)) => &f.bounds[..],
-                _ => &[],
-            };
-            self.w.observe(&self.zone, idx, bounds, value);
-        } else {
-            self.w.add(&self.zone, idx, value);
+        let idx = match fam.same_as_last(values) {
+            Some(idx) => idx,
+            None => {
+                let idx = self.series(id, values)?;
+                if let Some(fam) = self.fams[i].as_mut() {
+                    fam.last.clear();
+                    // the key after the family id: the label values' encoding
+                    fam.last.extend_from_slice(&self.key[4..]);
+                    fam.last_idx = Some(idx);
+                }
+                idx
+            }
+        } as u64;
+        match &self.fams[i] {
+            Some(fam) if fam.histogram => self.w.observe(&self.zone, idx, &fam.bounds, value),
+            _ => self.w.add(&self.zone, idx, value),
         }
         Ok(())
     }
@@ -166,29 +199,33 @@ impl Rules {
         }
     }
 
-    /// Family `id` as a record needs it: a counter or histogram, live or
-    /// retired (a retirement moves the epoch, which reads it again).
-    fn family(&mut self, id: u32) -> Option<&Fam> {
+    /// Family `id` as a record needs it (its index in `fams`): a counter
+    /// or histogram, live or retired (a retirement moves the epoch, which
+    /// reads it again).
+    fn family(&mut self, id: u32) -> Option<usize> {
         let i = id as usize;
+        if let Some(Some(_)) = self.fams.get(i) {
+            return Some(i);
+        }
+        if i >= self.zone.families().len() {
+            return None;
+        }
+        let f = registry::family(&self.zone, id)?;
+        if f.kind == Kind::Gauge {
+            return None;
+        }
         if i >= self.fams.len() {
-            if i >= self.zone.families().len() {
-                return None;
-            }
             self.fams.resize_with(i + 1, || None);
         }
-        if self.fams[i].is_none() {
-            let f = registry::family(&self.zone, id)?;
-            if f.kind == Kind::Gauge {
-                return None;
-            }
-            self.fams[i] = Some(Fam {
-                live: f.live,
-                histogram: f.kind == Kind::Histogram,
-                nlabels: f.labels.len(),
-                bounds: f.buckets.to_vec(),
-            });
-        }
-        self.fams[i].as_ref()
+        self.fams[i] = Some(Fam {
+            live: f.live,
+            histogram: f.kind == Kind::Histogram,
+            nlabels: f.labels.len(),
+            bounds: f.buckets.to_vec(),
+            last: Vec::new(),
+            last_idx: None,
+        });
+        Some(i)
     }
 
     /// The first cell of the series: cached, else found or created.
@@ -331,6 +368,47 @@ mod tests {
         r.record(new, 1.0, &[b"x", b"200"])
             .expect("the new family records");
         assert_eq!(value(&z, new, &[b"x", b"200"], 0), 1.0);
+    }
+
+    #[test]
+    fn the_last_label_set_is_compared_whole() {
+        let z = zone("rules-last");
+        let c = define(&z, "req_total", Kind::Counter, &["a", "b"], &[]);
+        let n = define(&z, "plain_total", Kind::Counter, &[], &[]);
+        let mut r = Rules::new(z);
+        // the same bytes split otherwise (once with the length of the
+        // last set's second value in the way), a prefix, empty values: each
+        // its own series whatever the record before it
+        let sets: [[&[u8]; 2]; 6] = [
+            [b"ab", b"c"],
+            [b"a", b"\x00c"],
+            [b"a", b"bc"],
+            [b"a", b"b"],
+            [b"", b"abc"],
+            [b"abc", b""],
+        ];
+        for round in 0..3 {
+            for (k, set) in sets.iter().enumerate() {
+                for _ in 0..=k {
+                    r.record(c, 1.0, set).expect("inc");
+                }
+                r.record(n, 1.0, &[]).expect("inc");
+            }
+            for (k, set) in sets.iter().enumerate() {
+                assert_eq!(
+                    value(&z, c, set, 0),
+                    ((k + 1) * (round + 1)) as f64,
+                    "{set:?}"
+                );
+            }
+        }
+        assert_eq!(value(&z, n, &[], 0), 18.0);
+        // a label count mismatch is refused, not taken for the last set
+        assert_eq!(r.record(c, 1.0, &[b"abc"]), Err(RecordError::LabelCount));
+        assert_eq!(
+            r.record(c, 1.0, &[b"abc", b"", b""]),
+            Err(RecordError::LabelCount)
+        );
     }
 
     #[test]
