@@ -62,6 +62,10 @@ EOL
     }
 EOL
     my $collect = $peer ? 'peer_prom:collect()' : 'bench_m:collect()';
+    # the peer's counters reach its dict at the worker's next sync (every
+    # second); its metric_data() syncs the calling worker's first, and the
+    # fill ran in that worker
+    my $sync = $peer ? 'peer_prom:metric_data()' : '';
     my $render = $peer ? 'F.peer_render_times(peer_prom, n)' : 'F.render_times(bench_m, n)';
     return conf_head(workers => 2, conns => 256, temp => 1) . <<"EOC";
     lua_socket_log_errors off;
@@ -77,6 +81,7 @@ $init$peer_init
                 local r1 = F.fill(bench_c, nil, 1, nc)
                 local r2 = nh > 0 and F.fill(nil, bench_h, 1, nh)
                            or { failed = 0, seconds = 0 }
+                $sync
                 ngx.say(J.encode({ failed = r1.failed + r2.failed,
                                    err = r1.err or r2.err,
                                    seconds = r1.seconds + r2.seconds }))
@@ -147,7 +152,6 @@ for my $lib ('shmprom', $PEER ? 'peer' : ()) {
                              ready => "http://127.0.0.1:$port/metrics", workers => 2);
         my $f = http_get_json("http://127.0.0.1:$port/fill?c=$case->{c}&h=$case->{h}", 600);
         die "fill $case->{name} ($lib): $f->{failed} refused: $f->{err}\n" if $f->{failed};
-        sleep 2.5 if $lib eq 'peer';    # its per-worker counters sync every second
         my $r = http_get_json("http://127.0.0.1:$port/render?n=$REPS", 900);
         my (@scrape, $size);
         my $file = "$WORK/c-$lib-$case->{name}.metrics";

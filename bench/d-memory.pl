@@ -9,12 +9,14 @@
 # Reported both ways: used bytes delta / N, and zone size / capacity (the
 # advertised shmprom_series_capacity and the count actually stored).
 # Also: a histogram series (1 label, 15 buckets) by the used-bytes delta.
+# With PEER_LUA_PATH, the peer (nginx-lua-prometheus) with the same series
+# in a lua_shared_dict, by the dict's free space before and after.
 
 use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw(conf_head $REPO $WORK $QUICK free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json fmt_num md_table write_fragment
              spew logmsg add_target $OUT);
 
@@ -128,6 +130,7 @@ EOC
     my $sk = $size . (defined $planes ? " planes=$planes" : '');
     $summary{"$sk used"} = $per_used;
     $summary{"$sk capacity"} = $per_cap;
+    $summary{"$sk histogram"} = $per_h if defined $per_h;
     logmsg sprintf('(d) %s: %.1f B/series used, %.1f B/series by capacity, %s stored',
                    $size, $per_used, $per_cap, $stored);
     $summary{"$sk refused_err"} = $r2->{err} // '';
@@ -148,6 +151,63 @@ EOC
     }
 }
 
+# The peer: the same counter and histogram series in its dict; bytes per
+# series = the dict's free space (ngx.shared.DICT:free_space(), whole free
+# pages) before less after, over the series made. Its counters reach the
+# dict at the worker's next sync: the handler forces it through
+# metric_data(), which syncs the calling worker's counters first (the fill
+# runs in that worker).
+my %peer;
+if ($PEER) {
+    my ($port) = free_ports(1);
+    my $conf = conf_head(workers => 2, conns => 256, log => 'crit') . <<"EOC";
+    lua_shared_dict peer_d 256m;
+    init_worker_by_lua_block {
+        peer_prom = require("prometheus").init("peer_d")
+        bench_c = peer_prom:counter("bench_d_total", "2 short labels", { "a", "b" })
+        bench_h = peer_prom:histogram("bench_d_seconds", "1 label, 15 buckets",
+                                      { "op" }, require("shmprom_bench.update").BUCKETS15)
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location = /fill {
+            content_by_lua_block {
+                local J = require "shmprom_bench.json"
+                local d = ngx.shared.peer_d
+                local from, to = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_to)
+                local h = ngx.var.arg_h == "1"
+                for i = from, to do
+                    if h then
+                        bench_h:observe(0.01, { string.format("%x", i) })
+                    else
+                        bench_c:inc(1, { string.format("%x", i % 4096),
+                                         string.format("%x", math.floor(i / 4096)) })
+                    end
+                end
+                peer_prom:metric_data()
+                ngx.say(J.encode({ free = d:free_space(), capacity = d:capacity(),
+                                   errors = d:get("nginx_metric_errors_total") or 0 }))
+            }
+        }
+    }
+}
+EOC
+    my $nx = nginx_start(name => 'd-peer', conf => $conf, ready => "http://127.0.0.1:$port/fill?from=0&to=0",
+                         workers => 2);
+    # the first series and the metrics' one-off keys are in (the ready probe)
+    my $f0 = http_get_json("http://127.0.0.1:$port/fill?from=0&to=0", 30);
+    my $f1 = http_get_json("http://127.0.0.1:$port/fill?from=1&to=$N", 300);
+    my $f2 = http_get_json("http://127.0.0.1:$port/fill?from=1&to=$NH&h=1", 300);
+    nginx_stop($nx);
+    die "(d) peer: its error metric reads $f2->{errors}\n" if $f2->{errors};
+    %peer = (counter => ($f0->{free} - $f1->{free}) / $N, histogram => ($f1->{free} - $f2->{free}) / $NH,
+             capacity => $f0->{capacity});
+    logmsg sprintf('(d) peer: %.1f B per counter series, %.0f B per histogram series',
+                   $peer{counter}, $peer{histogram});
+    $summary{'peer counter'} = $peer{counter};
+    $summary{'peer histogram'} = $peer{histogram};
+}
+
 my $md = "## (d) Zone bytes per series\n\n";
 $md .= "nginx with 2 workers, `shmprom.new{ zone = \"bench_d\", size = SIZE }` (planes default: "
      . "one per worker = 2, plus the shared plane, and one spare per plane for the livesum gauge "
@@ -166,6 +226,21 @@ $md .= "nginx with 2 workers, `shmprom.new{ zone = \"bench_d\", size = SIZE }` (
 $md .= md_table([ 'zone', 'worker planes (+ shared)', 'first series (B)', 'N', 'used delta / N (B)', 'target', 'series_capacity',
                   'zone / capacity (B)', 'target', 'stored until refused', 'zone / stored (B)',
                   'histogram series, 15 buckets (B)' ], @rows);
-$md .= "\nPeer (nginx-lua-prometheus) **from anchors.md**: about 384 B per counter series, 500 B "
-     . "per histogram series; a 10 MB dict holds about 21k series.\n\n";
+if ($PEER) {
+    $md .= sprintf("\nPeer (nginx-lua-prometheus) **measured here**: nginx with 2 workers, "
+                   . "`lua_shared_dict peer_d 256m`, the same %s counter series (2 short labels) and "
+                   . "%s histogram series (1 label, 15 buckets): %.1f B per counter series and %.0f B "
+                   . "per histogram series of the dict's free space (whole free pages, read after the "
+                   . "filling worker synced its counters): %.1fx and %s shmprom's used bytes in "
+                   . "the 32m zone above. anchors.md, for comparison: about 384 B per counter series, "
+                   . "500 B per histogram series.\n\n",
+                   fmt_num($N), fmt_num($NH), $peer{counter}, $peer{histogram},
+                   $peer{counter} / $summary{'32m used'},
+                   $summary{'32m histogram'} ? sprintf('%.1fx', $peer{histogram} / $summary{'32m histogram'})
+                                             : 'n/a (no shmprom histogram figure)');
+} else {
+    $md .= "\nPeer (nginx-lua-prometheus) **from anchors.md**: about 384 B per counter series, 500 B "
+         . "per histogram series; a 10 MB dict holds about 21k series. Set PEER_LUA_PATH to measure "
+         . "it side by side.\n\n";
+}
 write_fragment('d', $md);

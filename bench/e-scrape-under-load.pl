@@ -16,12 +16,16 @@
 #       the next scrape of each worker); when any mode does, the others run
 #       at the default, 5
 #   BENCH_E_NEW_OPTS='gzip = false'   more options for shmprom.new
+#
+# With PEER_LUA_PATH, a second nginx runs the peer (nginx-lua-prometheus)
+# with the same series and the same README example (its metrics), scraped
+# by its collect(): never, once a second, back to back.
 
 use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw(conf_head $REPO $WORK $QUICK free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
              md_table write_fragment spew slurp logmsg spawn_child
              stop_child add_target $OUT);
@@ -158,9 +162,9 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
 }
 EOC
 
-# scrape(path_file, mode, secs): the scraper process
+# scraper(path_file, mode, secs, port): the scraper process
 sub scraper {
-    my ($file, $mode, $secs) = @_;
+    my ($file, $mode, $secs, $mport) = @_;
     open my $out, '>', $file or die "$file: $!\n";
     $out->autoflush(1);
     my $deadline = time + $secs + 5;
@@ -211,91 +215,183 @@ for my $i (1 .. 5) {
 }
 unlink "$WORK/e.breakdown";
 
-my $url = "http://127.0.0.1:$port/";
-wrk_run(url => $url, threads => 2, conns => 50, secs => $QUICK ? 1 : 2);
-my %runs;
-my %scrapes;
-for my $r (0 .. $ROUNDS - 1) {
-    my @order = (@MODES[$r % @MODES .. $#MODES], @MODES[0 .. $r % @MODES - 1]);
-    for my $mode (@order) {
-        my $file = "$WORK/e-scrapes-$r-$mode.txt";
-        http_get("http://127.0.0.1:$mport/nice?n=" . ($mode =~ /-nice(\d+)$/ ? $1 : 5), 5)
-            if $SET_NICE;
-        http_get("http://127.0.0.1:$mport/stall/reset", 5);
-        sleep 0.05;
-        my $pid;
-        $pid = spawn_child("scraper-$mode", sub { scraper($file, $mode, $SECS) }) if $mode ne 'none';
-        my $res = wrk_run(url => $url, threads => 2, conns => 50, secs => $SECS, latency => 1,
-                          workers => $nx->{workers});
-        my $sc_cpu = $pid ? Bench::cpu_ticks($pid) : 0;
-        stop_child($pid) if $pid;
-        my $stall = http_get_json("http://127.0.0.1:$mport/stall/read", 5);
-        ($runs{$mode}[$r]{busy}) = sort { $b <=> $a } @{ $stall->{cpu} };
-        ($runs{$mode}[$r]{wall}) = sort { $b <=> $a } @{ $stall->{wall} };
-        $runs{$mode}[$r]{scraper_cpu} = $sc_cpu / Bench::clk_tck() / $res->{secs};
-        if ($pid) {
-            for my $l (split /\n/, slurp($file) // '') {
-                my ($d, $n, $ok) = split ' ', $l;
-                push @{ $scrapes{$mode} }, { secs => $d, bytes => $n, ok => $ok };
+# run_rounds(lib, port, mport, workers, set_nice, modes...) -> (runs, scrapes)
+# $ROUNDS rounds, the modes in a rotated order each round
+sub run_rounds {
+    my ($lib, $port, $mport, $workers, $set_nice, @modes) = @_;
+    my $url = "http://127.0.0.1:$port/";
+    wrk_run(url => $url, threads => 2, conns => 50, secs => $QUICK ? 1 : 2);
+    my (%runs, %scrapes);
+    for my $r (0 .. $ROUNDS - 1) {
+        my @order = (@modes[$r % @modes .. $#modes], @modes[0 .. $r % @modes - 1]);
+        for my $mode (@order) {
+            my $file = "$WORK/e-scrapes-$lib-$r-$mode.txt";
+            http_get("http://127.0.0.1:$mport/nice?n=" . ($mode =~ /-nice(\d+)$/ ? $1 : 5), 5)
+                if $set_nice;
+            http_get("http://127.0.0.1:$mport/stall/reset", 5);
+            sleep 0.05;
+            my $pid;
+            $pid = spawn_child("scraper-$mode", sub { scraper($file, $mode, $SECS, $mport) })
+                if $mode ne 'none';
+            my $res = wrk_run(url => $url, threads => 2, conns => 50, secs => $SECS, latency => 1,
+                              workers => $workers);
+            my $sc_cpu = $pid ? Bench::cpu_ticks($pid) : 0;
+            stop_child($pid) if $pid;
+            my $stall = http_get_json("http://127.0.0.1:$mport/stall/read", 5);
+            ($runs{$mode}[$r]{busy}) = sort { $b <=> $a } @{ $stall->{cpu} };
+            ($runs{$mode}[$r]{wall}) = sort { $b <=> $a } @{ $stall->{wall} };
+            $runs{$mode}[$r]{scraper_cpu} = $sc_cpu / Bench::clk_tck() / $res->{secs};
+            if ($pid) {
+                for my $l (split /\n/, slurp($file) // '') {
+                    my ($d, $n, $ok) = split ' ', $l;
+                    push @{ $scrapes{$mode} }, { secs => $d, bytes => $n, ok => $ok };
+                }
+                $runs{$mode}[$r]{scrapes} = scalar(split /\n/, slurp($file) // '');
             }
-            $runs{$mode}[$r]{scrapes} = scalar(split /\n/, slurp($file) // '');
+            $runs{$mode}[$r]{wrk} = $res;
+            logmsg sprintf('(e) %s round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms '
+                           . 'wall %.1f ms cpu/req %.2f us',
+                           $lib, $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
+                           $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall},
+                           $res->{cpu_us_per_req} // -1);
         }
-        $runs{$mode}[$r]{wrk} = $res;
-        logmsg sprintf('(e) round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms wall %.1f ms'
-                       . ' cpu/req %.2f us',
-                       $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
-                       $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall},
-                       $res->{cpu_us_per_req} // -1);
     }
+    return (\%runs, \%scrapes);
 }
+my ($runs_ref, $scrapes_ref) = run_rounds('shmprom', $port, $mport, $nx->{workers}, $SET_NICE, @MODES);
+my %runs = %$runs_ref;
+my %scrapes = %$scrapes_ref;
 nginx_stop($nx);
 
-my @rows;
-my %summary;
-for my $mode (@MODES) {
+# The peer side by side: the same 230k series and README metrics in its
+# dict, the same load, its collect() on /metrics (it renders in the worker
+# that serves the scrape).
+my @PEER_MODES = qw(none every1s continuous);
+my (%peer_runs, %peer_scrapes, $peer_lines, $peer_size);
+if ($PEER) {
+    my ($pport, $pmport) = free_ports(2);
+    my $pconf = conf_head(workers => 2, conns => 1024) . <<"EOC";
+    lua_shared_dict stall 1m;
+    lua_shared_dict peer_e 512m;
+    init_worker_by_lua_block {
+        local F = require "shmprom_bench.fill"
+        peer_prom = require("prometheus").init("peer_e")
+        bench_c = peer_prom:counter("bench_c_requests_total", "Requests",
+                                    { "route", "status" })
+        bench_h = peer_prom:histogram("bench_c_duration_seconds", "Latency",
+                                      { "route" }, F.BUCKETS19)
+        metric_requests = peer_prom:counter("nginx_http_requests_total",
+            "Number of HTTP requests", {"host", "status"})
+        metric_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
+            "HTTP request latency", {"host"}, F.BUCKETS19)
+        require("shmprom_bench.stall").start("stall", 0.001)
+    }
+    server {
+        listen 127.0.0.1:$pport;
+        server_name bench;
+        location / { return 200 "hello\\n"; }
+        log_by_lua_block {
+            metric_requests:inc(1, {ngx.var.server_name, ngx.var.status})
+            metric_latency:observe(tonumber(ngx.var.request_time), {ngx.var.server_name})
+        }
+    }
+    server {
+        listen 127.0.0.1:$pmport;
+        location = /metrics { content_by_lua_block { peer_prom:collect() } }
+        location = /stall/reset {
+            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
+        }
+        location = /stall/read {
+            content_by_lua_block {
+                ngx.say(require("shmprom_bench.json").encode(
+                    require("shmprom_bench.stall").read()))
+            }
+        }
+        location = /fill {
+            content_by_lua_block {
+                local F = require "shmprom_bench.fill"
+                ngx.say(require("shmprom_bench.json").encode(F.fill(bench_c, bench_h, 1, 10000)))
+            }
+        }
+    }
+}
+EOC
+    my $pnx = nginx_start(name => 'e-peer', conf => $pconf, ready => "http://127.0.0.1:$pmport/stall/read",
+                          workers => 2);
+    http_get_json("http://127.0.0.1:$pmport/fill", 300);
+    # the filling worker's counts reach the dict at its next sync (every
+    # second): scrape until every series is there
+    for (1 .. 30) {
+        (undef, undef, $peer_size) = http_get("http://127.0.0.1:$pmport/metrics", 120, "$WORK/e-peer.metrics");
+        $peer_lines = 0;
+        open my $pf, '<', "$WORK/e-peer.metrics" or die;
+        while (<$pf>) { $peer_lines++ unless /^#/ }
+        close $pf;
+        last if $peer_lines >= 230_000;
+    }
+    unlink "$WORK/e-peer.metrics";
+    die "(e) peer: $peer_lines sample lines, not the 230k filled\n" if $peer_lines < 230_000;
+    logmsg "(e) peer dict holds $peer_lines sample lines, $peer_size bytes";
+    my ($pr, $ps) = run_rounds('peer', $pport, $pmport, $pnx->{workers}, 0, @PEER_MODES);
+    %peer_runs = %$pr;
+    %peer_scrapes = %$ps;
+    nginx_stop($pnx);
+}
+
+# row(runs, scrapes, mode, target?) -> (table row, req/s ratio, p99 ratio, p99 s)
+sub row {
+    my ($runs, $scrapes, $mode, $judge) = @_;
     my (@rps, @p99, @max, @rr, @pr, @n, @busy, @wall, @scpu, @cpr);
     for my $r (0 .. $ROUNDS - 1) {
-        my $w = $runs{$mode}[$r]{wrk};
-        my $b = $runs{none}[$r]{wrk};
+        my $w = $runs->{$mode}[$r]{wrk};
+        my $b = $runs->{none}[$r]{wrk};
         push @rps, $w->{rps};
         push @p99, $w->{p99};
         push @max, $w->{max};
         push @rr, $w->{rps} / $b->{rps};
         push @pr, $w->{p99} / $b->{p99};
-        push @n, $runs{$mode}[$r]{scrapes} // 0;
-        push @busy, $runs{$mode}[$r]{busy};
-        push @wall, $runs{$mode}[$r]{wall};
-        push @scpu, $runs{$mode}[$r]{scraper_cpu};
+        push @n, $runs->{$mode}[$r]{scrapes} // 0;
+        push @busy, $runs->{$mode}[$r]{busy};
+        push @wall, $runs->{$mode}[$r]{wall};
+        push @scpu, $runs->{$mode}[$r]{scraper_cpu};
         push @cpr, $w->{cpu_us_per_req} / $b->{cpu_us_per_req};
     }
-    my $sc = $scrapes{$mode} || [];
+    my $sc = $scrapes->{$mode} || [];
     my $bad = grep { $_->{ok} ne 'ok' } @$sc;
     my $med_scrape = median(map { $_->{secs} } @$sc);
     my ($rmed, $pmed) = (median(@rr), median(@pr));
     my $target = '';
-    if ($mode =~ /^every1s/) {
+    if ($judge && $mode =~ /^every1s/) {
         $target = sprintf('req/s >= 0.95: %s; p99 <= 1.5x: %s',
                           $rmed >= 0.95 ? 'met' : sprintf('MISSED by %.3f', 0.95 - $rmed),
                           $pmed <= 1.5 ? 'met' : sprintf('MISSED (%.2fx)', $pmed));
     }
-    push @rows, [ $mode, fmt_num(median(@rps)), $mode eq 'none' ? '1 (baseline)' : sprintf('%.3f', $rmed),
-                  sprintf('%.2f', 1000 * median(@p99)), $mode eq 'none' ? '1 (baseline)' : sprintf('%.2f', $pmed),
-                  sprintf('%.1f', 1000 * median(@max)),
-                  sprintf('%.1f / %.1f', median(@busy), median(@wall)),
-                  $mode eq 'none' ? '-' : sprintf('%.3f', median(@cpr)),
-                  $mode eq 'none' ? '-' : sprintf('%.1f%%', 100 * median(@scpu)),
-                  $mode eq 'none' ? '-' : sprintf('%s per run; median %.0f ms, %s bytes each%s',
-                                                  median(@n), 1000 * ($med_scrape // 0),
-                                                  fmt_num(median(map { $_->{bytes} } @$sc) // 0),
-                                                  $bad ? "; $bad failed" : ''),
-                  $target ];
+    my $row = [ $mode, fmt_num(median(@rps)), $mode eq 'none' ? '1 (baseline)' : sprintf('%.3f', $rmed),
+                sprintf('%.2f', 1000 * median(@p99)), $mode eq 'none' ? '1 (baseline)' : sprintf('%.2f', $pmed),
+                sprintf('%.1f', 1000 * median(@max)),
+                sprintf('%.1f / %.1f', median(@busy), median(@wall)),
+                $mode eq 'none' ? '-' : sprintf('%.3f', median(@cpr)),
+                $mode eq 'none' ? '-' : sprintf('%.1f%%', 100 * median(@scpu)),
+                $mode eq 'none' ? '-' : sprintf('%s per run; median %.0f ms, %s bytes each%s',
+                                                median(@n), 1000 * ($med_scrape // 0),
+                                                fmt_num(median(map { $_->{bytes} } @$sc) // 0),
+                                                $bad ? "; $bad failed" : '') ];
+    push @$row, $target if $judge;
+    return ($row, $rmed, $pmed, median(@p99));
+}
+
+my @rows;
+my %summary;
+for my $mode (@MODES) {
+    my ($row, $rmed, $pmed, $p99) = row(\%runs, \%scrapes, $mode, 1);
+    push @rows, $row;
     if ($mode =~ /^every1s/) {
         my ($id, $how) = $mode eq 'every1s' ? ('e', '') : ("e-$mode", " ($mode)");
         $id =~ s/^e-every1s-/e-/;
         add_target("$id-rps", "(e) 1 scrape/s of 230k series$how under load: req/s vs no scraping", '>= 0.95',
                    sprintf('%.3f', $rmed), $rmed >= 0.95 ? 'met' : sprintf('MISSED by %.3f', 0.95 - $rmed));
         add_target("$id-p99", "(e) 1 scrape/s of 230k series$how under load: p99 vs no scraping", '<= 1.5x',
-                   sprintf('%.2fx (%.1f ms vs %.1f ms)', $pmed, 1000 * median(@p99),
+                   sprintf('%.2fx (%.1f ms vs %.1f ms)', $pmed, 1000 * $p99,
                            1000 * median(map { $runs{none}[$_]{wrk}{p99} } 0 .. $ROUNDS - 1)),
                    $pmed <= 1.5 ? 'met' : sprintf('MISSED by %.2fx', $pmed - 1.5));
     }
@@ -334,7 +430,23 @@ $md .= sprintf("\nWhat of one scrape (no load, %s bytes) runs on a worker's even
      median(@{ $bd{total_ms} || [] }) // -1, median(@{ $bd{longest_ms} || [] }) // -1,
      median(@{ $bd{gc_ms} || [] }) // -1)
     if $bd{wait_ms};
-$md .= "\nPeer (nginx-lua-prometheus) **from anchors.md**: scraping back to back halved throughput "
-     . "(127k -> 66.5k req/s) and raised max latency from 26 ms to 283 ms; each scrape of 230k "
-     . "series blocks a worker for 1.44 s.\n\n";
+if ($PEER) {
+    my @prows = map { (row(\%peer_runs, \%peer_scrapes, $_, 0))[0] } @PEER_MODES;
+    $md .= "\nPeer (nginx-lua-prometheus) **measured here**, side by side (after the runs above, its "
+         . "own nginx with 2 workers, the same load and README example recorded by its metrics, "
+         . "`lua_shared_dict peer_e 512m` holding " . fmt_num($peer_lines) . " sample lines, "
+         . sprintf('%.1f MB', $peer_size / 1e6) . " per scrape; `/metrics` is its `collect()`, "
+         . "rendered in the worker that serves it; the same scraper, never, once a second, back "
+         . "to back):\n\n";
+    $md .= md_table([ 'peer scraping', 'req/s', 'req/s ratio', 'p99 ms', 'p99 ratio', 'max latency ms',
+                      'worker stall ms busy / wall', 'worker CPU/req ratio', 'scraper CPU (of 1 core)',
+                      'scrapes' ], @prows);
+    $md .= "\nanchors.md, for comparison: scraping back to back halved throughput (127k -> 66.5k "
+         . "req/s) and raised max latency from 26 ms to 283 ms; each scrape of 230k series "
+         . "blocks a worker for 1.44 s.\n\n";
+} else {
+    $md .= "\nPeer (nginx-lua-prometheus) **from anchors.md**: scraping back to back halved throughput "
+         . "(127k -> 66.5k req/s) and raised max latency from 26 ms to 283 ms; each scrape of 230k "
+         . "series blocks a worker for 1.44 s. Set PEER_LUA_PATH to measure it side by side.\n\n";
+}
 write_fragment('e', $md);

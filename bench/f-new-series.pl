@@ -23,12 +23,15 @@
 #          label sets first and then only these batches, so the pair
 #          measures prefault alone (the batch row's zone also takes the
 #          traffic's label sets, and its workers' label caches differ)
+# With PEER_LUA_PATH, a second nginx runs the peer (nginx-lua-prometheus)
+# with the same metrics, recorded the peer's way (no handles: the label
+# values as a table per call), through old, new and batch.
 
 use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
-use Bench qw(conf_head $REPO $WORK $QUICK free_ports nginx_start
+use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
              md_table write_fragment spew slurp logmsg spawn_child
              wait_child add_target $OUT);
@@ -158,58 +161,71 @@ logmsg sprintf('(f) prefault zone: %s, %.0f ms in the master, %s ms per worker (
                $pf->{how}, $pf->{master_ms}, join('/', map { sprintf '%.0f', $_ // -1 } @{ $pf->{map_ms} }));
 sleep 0.5;
 
-my %runs;
+# run_rounds(lib, port, cport, batch_query, modes...) -> { mode => [ per round ] }
+# $ROUNDS rounds, the modes in a rotated order each round; batch_query(mode)
+# gives the batch request's extra query string
 my $gen = 0;
-for my $r (0 .. $ROUNDS - 1) {
-    my @order = (@MODES[$r % @MODES .. $#MODES], @MODES[0 .. $r % @MODES - 1]);
-    for my $mode (@order) {
-        $gen++;
-        http_get("http://127.0.0.1:$cport/stall/reset", 5);
-        sleep 0.05;
-        my @args = $mode eq 'new' ? ('new', 1_000_000 * $gen, $NEW / 2) : ('old');
-        my $batch_pid;
-        my $bfile = "$WORK/f-batch-$gen.json";
-        my $batch = $mode =~ /^batch/;
-        if ($batch) {
-            my $base = 1_000_000 * $gen;
-            my $zone = { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain' }->{$mode} // '';
-            $batch_pid = spawn_child('batch', sub {
-                sleep 1;
-                http_get("http://127.0.0.1:$cport/batch?base=$base&n=$NEW$zone", 60, $bfile);
-            });
+sub run_rounds {
+    my ($lib, $port, $cport, $batch_query, @modes) = @_;
+    my $url = "http://127.0.0.1:$port/";
+    my %runs;
+    for my $r (0 .. $ROUNDS - 1) {
+        my @order = (@modes[$r % @modes .. $#modes], @modes[0 .. $r % @modes - 1]);
+        for my $mode (@order) {
+            $gen++;
+            http_get("http://127.0.0.1:$cport/stall/reset", 5);
+            sleep 0.05;
+            my @args = $mode eq 'new' ? ('new', 1_000_000 * $gen, $NEW / 2) : ('old');
+            my $batch_pid;
+            my $bfile = "$WORK/f-batch-$gen.json";
+            my $batch = $mode =~ /^batch/;
+            if ($batch) {
+                my $base = 1_000_000 * $gen;
+                my $q = $batch_query->($mode);
+                $batch_pid = spawn_child('batch', sub {
+                    sleep 1;
+                    http_get("http://127.0.0.1:$cport/batch?base=$base&n=$NEW$q", 60, $bfile);
+                });
+            }
+            my $res = wrk_run(url => $url, threads => 2, conns => 50, secs => $SECS, latency => 1,
+                              script => $script, args => \@args);
+            if ($batch_pid) {
+                # the batch request ends long before wrk (the peer's too);
+                # bounded wait anyway
+                wait_child($batch_pid, 60);
+            }
+            my $stall = http_get_json("http://127.0.0.1:$cport/stall/read", 5);
+            my ($wmax) = sort { $b <=> $a } @{ $stall->{wall} };
+            my ($cmax) = sort { $b <=> $a } @{ $stall->{cpu} };
+            my %rec = (wrk => $res, stall => $stall, wall_max => $wmax, cpu_max => $cmax);
+            if ($batch) {
+                my $bd = eval { JSON::PP->new->decode(slurp($bfile) // '') };
+                die "$lib batch request gave no answer\n" unless $bd;
+                die "$lib batch: $bd->{failed} refused\n" if $bd->{failed};
+                $rec{batch_ms} = $bd->{ms};
+                $rec{batch_cpu_ms} = $bd->{cpu_ms};
+                $rec{batch_worker} = $bd->{worker};
+                $rec{batch_faults} = $bd->{faults};
+                # the other worker: the stall the batch did not run in
+                my @others = grep { $_ != $bd->{worker} } 0 .. $#{ $stall->{cpu} };
+                ($rec{other_cpu}) = sort { $b <=> $a } map { $stall->{cpu}[$_] } @others;
+            }
+            $runs{$mode}[$r] = \%rec;
+            logmsg sprintf('(f) %s round %d %-14s %8.0f req/s p99 %.2f ms max %.1f ms; stall wall %s ms, '
+                           . 'busy %s ms%s',
+                           $lib, $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
+                           join('/', map { sprintf '%.1f', $_ } @{ $stall->{wall} }),
+                           join('/', map { sprintf '%.1f', $_ } @{ $stall->{cpu} }),
+                           $batch ? sprintf('; batch loop %.1f ms (CPU %.1f ms, %d page faults) in worker %d',
+                                            $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_faults},
+                                            $rec{batch_worker}) : '');
         }
-        my $res = wrk_run(url => $url, threads => 2, conns => 50, secs => $SECS, latency => 1,
-                          script => $script, args => \@args);
-        if ($batch_pid) {
-            # the batch request ends long before wrk; bounded wait anyway
-            wait_child($batch_pid, 30);
-        }
-        my $stall = http_get_json("http://127.0.0.1:$cport/stall/read", 5);
-        my ($wmax) = sort { $b <=> $a } @{ $stall->{wall} };
-        my ($cmax) = sort { $b <=> $a } @{ $stall->{cpu} };
-        my %rec = (wrk => $res, stall => $stall, wall_max => $wmax, cpu_max => $cmax);
-        if ($batch) {
-            my $bd = eval { JSON::PP->new->decode(slurp($bfile) // '') };
-            die "batch request gave no answer\n" unless $bd;
-            die "batch: $bd->{failed} refused\n" if $bd->{failed};
-            $rec{batch_ms} = $bd->{ms};
-            $rec{batch_cpu_ms} = $bd->{cpu_ms};
-            $rec{batch_worker} = $bd->{worker};
-            $rec{batch_faults} = $bd->{faults};
-            # the other worker: the stall the batch did not run in
-            my @others = grep { $_ != $bd->{worker} } 0 .. $#{ $stall->{cpu} };
-            ($rec{other_cpu}) = sort { $b <=> $a } map { $stall->{cpu}[$_] } @others;
-        }
-        $runs{$mode}[$r] = \%rec;
-        logmsg sprintf('(f) round %d %-14s %8.0f req/s p99 %.2f ms max %.1f ms; stall wall %s ms, busy %s ms%s',
-                       $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
-                       join('/', map { sprintf '%.1f', $_ } @{ $stall->{wall} }),
-                       join('/', map { sprintf '%.1f', $_ } @{ $stall->{cpu} }),
-                       $batch ? sprintf('; batch loop %.1f ms (CPU %.1f ms, %d page faults) in worker %d',
-                                                  $rec{batch_ms}, $rec{batch_cpu_ms}, $rec{batch_faults},
-                                                  $rec{batch_worker}) : '');
     }
+    return \%runs;
 }
+my %runs = %{ run_rounds('shmprom', $port, $cport,
+                         sub { { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain' }->{ $_[0] } // '' },
+                         @MODES) };
 # every new label set went in
 my (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/metrics", 60);
 my ($series_c) = $m =~ /^shmprom_series\{family="bench_f_requests_total"\} (\S+)$/m;
@@ -224,13 +240,98 @@ for my $z (qw(plain pf)) {
 }
 nginx_stop($nx);
 
-my @rows;
-my %summary;
-for my $mode (@MODES) {
-    my @rs = @{ $runs{$mode} };
-    my (@rr, @pr, @sm);
+# The peer side by side: the same load, label sets and stall detector, the
+# peer's own way of recording (no handles: a label table per call; its
+# counters sync to the dict every second). Its dict is sized so that
+# nothing is evicted (its error metric is read at the end).
+my (%peer_runs, $peer_errors, $peer_free);
+my @PEER_MODES = qw(old new batch);
+if ($PEER) {
+    my ($pport, $pcport) = free_ports(2);
+    my $pconf = conf_head(workers => 2, conns => 1024) . <<"EOC";
+    lua_shared_dict stall 1m;
+    lua_shared_dict peer_f 1024m;
+    init_worker_by_lua_block {
+        local F = require "shmprom_bench.fill"
+        peer_prom = require("prometheus").init("peer_f")
+        peer_c = peer_prom:counter("bench_f_requests_total", "Requests",
+                                   { "path", "status" })
+        peer_h = peer_prom:histogram("bench_f_duration_seconds", "Latency",
+                                     { "path" }, F.BUCKETS19)
+        require("shmprom_bench.stall").start("stall", 0.001)
+    }
+    server {
+        listen 127.0.0.1:$pport;
+        location /p/ {
+            return 200 "hello\\n";
+            log_by_lua_block {
+                local path = ngx.var.uri
+                peer_c:inc(1, { path, ngx.status })
+                peer_h:observe(ngx.now() - ngx.req.start_time(), { path })
+            }
+        }
+    }
+    server {
+        listen 127.0.0.1:$pcport;
+        location = /stall/reset {
+            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
+        }
+        location = /stall/read {
+            content_by_lua_block {
+                ngx.say(require("shmprom_bench.json").encode(
+                    require("shmprom_bench.stall").read()))
+            }
+        }
+        location = /batch {
+            content_by_lua_block {
+                local F = require "shmprom_bench.fill"
+                local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
+                local h = peer_h
+                local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
+                for i = base, base + n - 1 do
+                    h:observe(0.01, { "/b/" .. i })
+                end
+                local ms = (F.mono_ns() - t0) / 1e6
+                local cpu_ms = (F.cpu_ns() - c0) / 1e6
+                local f1 = F.thread_faults()
+                ngx.say(require("shmprom_bench.json").encode({ ms = ms,
+                    cpu_ms = cpu_ms, faults = f0 and f1 and f1 - f0 or -1,
+                    failed = 0, worker = ngx.worker.id() }))
+            }
+        }
+        # the peer's error metric (dict full, evictions) and the dict's
+        # free pages, read from the dict itself (a scrape of millions of
+        # keys would take minutes)
+        location = /peer/state {
+            content_by_lua_block {
+                local d = ngx.shared.peer_f
+                ngx.say(require("shmprom_bench.json").encode({
+                    errors = d:get("nginx_metric_errors_total") or 0,
+                    free = d:free_space() }))
+            }
+        }
+    }
+}
+EOC
+    my $pnx = nginx_start(name => 'f-peer', conf => $pconf, ready => "http://127.0.0.1:$pcport/peer/state",
+                          workers => 2);
+    # warm-up: the 10k old paths' label sets exist
+    wrk_run(url => "http://127.0.0.1:$pport/", threads => 2, conns => 50, secs => $QUICK ? 2 : 3,
+            script => $script, args => ['old']);
+    %peer_runs = %{ run_rounds('peer', $pport, $pcport, sub { '' }, @PEER_MODES) };
+    my $st = http_get_json("http://127.0.0.1:$pcport/peer/state", 10);
+    ($peer_errors, $peer_free) = ($st->{errors}, $st->{free});
+    logmsg "(f) peer: error metric $peer_errors, dict free $peer_free bytes";
+    nginx_stop($pnx);
+}
+
+# row(runs, mode, target?) -> (table row, busy median, busy worst, wall worst)
+sub row {
+    my ($runs, $mode, $judge) = @_;
+    my @rs = @{ $runs->{$mode} };
+    my (@rr, @pr);
     for my $r (0 .. $ROUNDS - 1) {
-        my $b = $runs{old}[$r]{wrk};
+        my $b = $runs->{old}[$r]{wrk};
         push @rr, $rs[$r]{wrk}{rps} / $b->{rps};
         push @pr, $rs[$r]{wrk}{p99} / $b->{p99};
     }
@@ -239,25 +340,34 @@ for my $mode (@MODES) {
     my $wall_med = median(map { $_->{wall_max} } @rs);
     my (undef, $wall_worst) = minmax(map { $_->{wall_max} } @rs);
     my $target = '';
-    if ($mode ne 'old') {
+    if ($judge && $mode ne 'old') {
         $target = "<= $TARGET ms (median of runs): " . ($busy_med <= $TARGET ? 'met'
             : sprintf('MISSED by %.1f ms', $busy_med - $TARGET));
     }
-    push @rows, [ $mode, fmt_num(median(map { $_->{wrk}{rps} } @rs)),
-                  $mode eq 'old' ? '1 (baseline)' : sprintf('%.3f', median(@rr)),
-                  sprintf('%.2f', 1000 * median(map { $_->{wrk}{p99} } @rs)),
-                  $mode eq 'old' ? '1 (baseline)' : sprintf('%.2f', median(@pr)),
-                  sprintf('%.1f', 1000 * median(map { $_->{wrk}{max} } @rs)),
-                  sprintf('%.1f / %.1f', $busy_med, $busy_worst),
-                  sprintf('%.1f / %.1f', $wall_med, $wall_worst),
-                  $mode =~ /^batch/ ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set), '
-                                             . '%d page faults; other worker busy %.1f ms',
-                                             median(map { $_->{batch_ms} } @rs),
-                                             median(map { $_->{batch_cpu_ms} } @rs),
-                                             1000 * median(map { $_->{batch_cpu_ms} } @rs) / $NEW,
-                                             median(map { $_->{batch_faults} } @rs),
-                                             median(map { $_->{other_cpu} } @rs)) : '',
-                  $target ];
+    my $row = [ $mode, fmt_num(median(map { $_->{wrk}{rps} } @rs)),
+                $mode eq 'old' ? '1 (baseline)' : sprintf('%.3f', median(@rr)),
+                sprintf('%.2f', 1000 * median(map { $_->{wrk}{p99} } @rs)),
+                $mode eq 'old' ? '1 (baseline)' : sprintf('%.2f', median(@pr)),
+                sprintf('%.1f', 1000 * median(map { $_->{wrk}{max} } @rs)),
+                sprintf('%.1f / %.1f', $busy_med, $busy_worst),
+                sprintf('%.1f / %.1f', $wall_med, $wall_worst),
+                $mode =~ /^batch/ ? sprintf('loop %.1f ms wall, %.1f ms CPU (%.2f us CPU per label set), '
+                                           . '%d page faults; other worker busy %.1f ms',
+                                           median(map { $_->{batch_ms} } @rs),
+                                           median(map { $_->{batch_cpu_ms} } @rs),
+                                           1000 * median(map { $_->{batch_cpu_ms} } @rs) / $NEW,
+                                           median(map { $_->{batch_faults} } @rs),
+                                           median(map { $_->{other_cpu} } @rs)) : '' ];
+    push @$row, $target if $judge;
+    return ($row, $busy_med, $busy_worst, $wall_worst);
+}
+
+my @rows;
+my %summary;
+for my $mode (@MODES) {
+    my @rs = @{ $runs{$mode} };
+    my ($row, $busy_med, $busy_worst, $wall_worst) = row(\%runs, $mode, 1);
+    push @rows, $row;
     if ($mode ne 'old' && $mode ne 'batch-plain') {
         my @base = map { $_->{cpu_max} } @{ $runs{old} };
         my (undef, $base_worst) = minmax(@base);
@@ -329,6 +439,24 @@ $md .= "\nAfter the runs the first zone holds " . fmt_num($series_c // 0) . " co
      . fmt_num($series_h // 0) . " histogram label sets, the plain and prefault zones "
      . fmt_num($series2{plain} // 0) . " and " . fmt_num($series2{pf} // 0)
      . " histogram label sets; " . fmt_num($dropped) . " refused.\n\n";
-$md .= "Peer (nginx-lua-prometheus) **from anchors.md**: creating 10k new histogram label sets "
-     . "blocked a worker for about 1.1 s.\n\n";
+if ($PEER) {
+    my @prows = map { (row(\%peer_runs, $_, 0))[0] } @PEER_MODES;
+    my (undef, $pb) = row(\%peer_runs, 'batch', 0);
+    $md .= "Peer (nginx-lua-prometheus) **measured here**, side by side (after the runs above, same "
+         . "load, same label sets, same stall detector, its own nginx with 2 workers and "
+         . "`lua_shared_dict peer_f 1024m`): each request records "
+         . "`peer_c:inc(1, { path, ngx.status })` and `peer_h:observe(..., { path })` in "
+         . "log_by_lua (it has no handles), the batch `h:observe(0.01, { \"/b/\" .. i })` in a loop. "
+         . "Its error metric read $peer_errors at the end (nothing evicted); the batch's busy stall, "
+         . sprintf('%.0f ms, is %.0fx shmprom\'s default zone (%.1f ms).', $pb, $pb / $summary{'batch busy_median'},
+                   $summary{'batch busy_median'}) . "\n\n";
+    $md .= md_table([ 'peer mode', 'req/s', 'req/s ratio', 'p99 ms', 'p99 ratio', 'max latency ms',
+                      'busy stall ms (median / worst run)', 'wall gap ms (median / worst run)', 'batch' ],
+                    @prows);
+    $md .= "\nanchors.md, for comparison: creating 10k new histogram label sets blocked a worker for "
+         . "about 1.1 s.\n\n";
+} else {
+    $md .= "Peer (nginx-lua-prometheus) **from anchors.md**: creating 10k new histogram label sets "
+         . "blocked a worker for about 1.1 s. Set PEER_LUA_PATH to measure it side by side.\n\n";
+}
 write_fragment('f', $md);

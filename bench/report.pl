@@ -140,7 +140,7 @@ for my $b (qw(a b c d e f)) {
 $md .= "## Running them\n\n"
      . "`make bench` (= `bench/run-all.sh`, about 15 minutes) rewrites this file; `QUICK=1 make bench` "
      . "takes about 2 minutes; `BENCH_ONLY=\"a c\"` picks benchmarks; `PEER_LUA_PATH=/path/to/"
-     . "nginx-lua-prometheus` runs the peer side by side in (a) (b) (c) (its code is never copied "
+     . "nginx-lua-prometheus` runs the peer side by side in every benchmark (its code is never copied "
      . "into this repository). Each benchmark is a Perl script under bench/ (helpers in "
      . "bench/lib/Bench.pm, Lua in bench/lua/shmprom_bench/, wrk script in bench/wrk/); nginx "
      . "instances run from throw-away prefixes on free 127.0.0.1 ports and are stopped by pid.\n";

@@ -7,7 +7,7 @@
 #   QUICK=1 bench/run-all.sh         short runs, ~2 minutes (debugging)
 #   BENCH_ONLY="a c" bench/run-all.sh   a subset (a b c d e f)
 #   PEER_LUA_PATH=/path/to/nginx-lua-prometheus bench/run-all.sh
-#                                    also runs the peer in (a) (b) (c)
+#                                    also runs the peer in every benchmark
 #   BENCH_RESULTS=path               write the report elsewhere
 #   BENCH_KEEP=1                     keep the scratch directory
 #
