@@ -229,8 +229,9 @@ $md .= md_table([ 'zone', 'worker planes (+ shared)', 'first series (B)', 'N', '
 if ($PEER) {
     $md .= sprintf("\nPeer (nginx-lua-prometheus) **measured here**: nginx with 2 workers, "
                    . "`lua_shared_dict peer_d 256m`, the same %s counter series (2 short labels) and "
-                   . "%s histogram series (1 label, 15 buckets): %.1f B per counter series and %.0f B "
-                   . "per histogram series of the dict's free space (whole free pages, read after the "
+                   . "%s histogram label sets (1 label, 15 buckets: 18 sample lines each): %.1f B per "
+                   . "counter series and %.0f B per histogram label set of the dict's free space (whole "
+                   . "free pages, read after the "
                    . "filling worker synced its counters): %.1fx and %s shmprom's used bytes in "
                    . "the 32m zone above. anchors.md, for comparison: about 384 B per counter series, "
                    . "500 B per histogram series.\n\n",

@@ -447,7 +447,10 @@ if ($PEER) {
          . "`lua_shared_dict peer_f 1024m`): each request records "
          . "`peer_c:inc(1, { path, ngx.status })` and `peer_h:observe(..., { path })` in "
          . "log_by_lua (it has no handles), the batch `h:observe(0.01, { \"/b/\" .. i })` in a loop. "
-         . "Its error metric read $peer_errors at the end (nothing evicted); the batch's busy stall, "
+         . "Its error metric read $peer_errors at the end (nothing evicted). Its workers stall even "
+         . "with no new label set (old): each worker's counter increments are kept in a Lua table and "
+         . "written into the dict once a second by a timer, one `incr` per key touched since (with "
+         . "10k paths, up to 230k keys), all in one callback. The batch's busy stall, "
          . sprintf('%.0f ms, is %.0fx shmprom\'s default zone (%.1f ms).', $pb, $pb / $summary{'batch busy_median'},
                    $summary{'batch busy_median'}) . "\n\n";
     $md .= md_table([ 'peer mode', 'req/s', 'req/s ratio', 'p99 ms', 'p99 ratio', 'max latency ms',
