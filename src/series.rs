@@ -183,6 +183,16 @@ pub struct FreeLists<'a> {
     pub widths: &'a [AtomicU32],
 }
 
+/// What a [`Table::clean`] gave back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Freed {
+    /// Dead slots returned to EMPTY (room for new label sets).
+    pub slots: u64,
+    /// Key records and cells of dead series returned to the pools (room
+    /// for their keys and values).
+    pub records: u64,
+}
+
 /// A view of the table inside a zone (or, in tests, inside heap memory).
 pub struct Table<'a> {
     pub slots: &'a [Slot],
@@ -475,8 +485,8 @@ impl<'a> Table<'a> {
     /// probe chain passes k keeps k dead. An insert that claimed a slot
     /// past k after the scan went by sees k CLEANING or EMPTY in its own
     /// re-scan and gives way.
-    pub fn clean(&self, now: u32) -> u64 {
-        let mut freed = 0;
+    pub fn clean(&self, now: u32) -> Freed {
+        let mut freed = Freed::default();
         for k in 0..self.slots.len() {
             let slot = &self.slots[k];
             let w = slot.word.load(Ordering::SeqCst);
@@ -513,7 +523,7 @@ impl<'a> Table<'a> {
             // the slot is ours while CLEANING: its record and cells go
             // back to the pools either way (the grace period is over)
             if self.detach(slot) {
-                freed += 1;
+                freed.records += 1;
             }
             let to = if free { EMPTY } else { w };
             if slot
@@ -523,7 +533,7 @@ impl<'a> Table<'a> {
                 && free
             {
                 self.slots_used.fetch_sub(1, Ordering::Relaxed);
-                freed += 1;
+                freed.slots += 1;
             }
         }
         freed
@@ -580,7 +590,8 @@ impl<'a> Table<'a> {
         let h = hash_key(family, key) & HASH_MASK;
         let mut cleaned = false;
         for _ in 0..64 {
-            match self.try_insert(family, key, width, now, h) {
+            let mut no_room = false;
+            match self.try_insert(family, key, width, now, h, &mut no_room) {
                 Ok(Some(r)) => return Ok(r),
                 Ok(None) => {}
                 Err(TableError::Full) if !cleaned => {
@@ -593,7 +604,18 @@ impl<'a> Table<'a> {
                         Some(g) if g.load(Ordering::Relaxed) == idle => {}
                         Some(g) => {
                             let freed = self.clean(now);
-                            g.store(if freed == 0 { idle } else { 0 }, Ordering::Relaxed);
+                            // only what was missing counts: emptied slots
+                            // give no room for keys and cells (a refused
+                            // fill leaves its slot dead, and the next
+                            // clean empties it: without this, every
+                            // refusal of a zone whose arenas are full
+                            // scanned the whole table)
+                            let helped = if no_room {
+                                freed.records > 0
+                            } else {
+                                freed.slots + freed.records > 0
+                            };
+                            g.store(if helped { 0 } else { idle }, Ordering::Relaxed);
                         }
                         None => {
                             self.clean(now);
@@ -607,6 +629,8 @@ impl<'a> Table<'a> {
     }
 
     /// One attempt; None when a race was lost and the caller should retry.
+    /// A refusal for want of key or cell room (not of slots) sets
+    /// `no_room`.
     fn try_insert(
         &self,
         family: u32,
@@ -614,6 +638,7 @@ impl<'a> Table<'a> {
         width: u32,
         now: u32,
         h: u64,
+        no_room: &mut bool,
     ) -> Result<Option<(u32, bool)>, TableError> {
         let home = self.home(h);
         let mut reuse: Option<(usize, u64)> = None;
@@ -644,6 +669,11 @@ impl<'a> Table<'a> {
                 if self.slots_used.load(Ordering::Relaxed) >= self.slot_limit() {
                     return Err(TableError::Full);
                 }
+                // no slot is taken for a series the arenas cannot hold
+                if !self.may_have_room(key.len(), width) {
+                    *no_room = true;
+                    return Err(TableError::Full);
+                }
                 (e, EMPTY)
             }
             (None, None) => return Err(TableError::Full),
@@ -667,6 +697,7 @@ impl<'a> Table<'a> {
             None => {
                 slot.word
                     .store((DEAD << STATE_SHIFT) | h, Ordering::Release);
+                *no_room = true;
                 return Err(TableError::Full);
             }
         };
@@ -718,6 +749,31 @@ impl<'a> Table<'a> {
         slot.word
             .store((READY << STATE_SHIFT) | h, Ordering::Release);
         Ok(Some((cell, true)))
+    }
+
+    /// Whether a new series of `width` cells and a key of `key_len` bytes
+    /// may find room: a block in the pool or room for all its blocks in
+    /// the key arena, and a run of `width` cells given back or room in the
+    /// cell arena. A racy look, never false while the room is there (a
+    /// pool holding a block counts as room, however many the key needs):
+    /// an insert that passes it may still find too little, and then leaves
+    /// its slot dead, as a lost race for the room does.
+    fn may_have_room(&self, key_len: usize, width: u32) -> bool {
+        let pool = (self.free.blocks.load(Ordering::Acquire) as u32).wrapping_sub(1);
+        let blocks = (pool != NONE && pool < self.nblocks()) || {
+            let cur = self.keys.used.load(Ordering::Relaxed);
+            let need = blocks_for(key_len) as u64 * BLOCK;
+            cur.div_ceil(BLOCK) * BLOCK + need <= self.keys.cap
+        };
+        if !blocks {
+            return false;
+        }
+        let given_back = self.cell_list(width, false).is_some_and(|i| {
+            let c = (self.free.cells[i].load(Ordering::Acquire) as u32).wrapping_sub(1);
+            c != NONE && (c as u64) < self.cells_cap
+        });
+        let end = self.cells_used.load(Ordering::Relaxed) + width as u64;
+        given_back || (end <= self.cells_cap && end < (NONE - 1) as u64)
     }
 
     /// Withdraws a TENTATIVE copy that lost: DEAD, reusable at once.
@@ -1653,14 +1709,97 @@ mod tests {
         assert_eq!(t2.get_or_insert(0, b"y", 2, 0), Err(TableError::Full));
         let (_, claimed, dead) = t2.census();
         assert_eq!(
-            (claimed, dead),
-            (0, 1),
-            "a refused insert leaves a dead slot"
+            (claimed, dead, t2.slots_used.load(Ordering::Relaxed)),
+            (0, 0, 1),
+            "a series the cells cannot hold takes no slot"
         );
         assert_eq!(
             t2.get_or_insert(0, &[0u8; MAX_KEY_BYTES + 1], 1, 0),
             Err(TableError::KeyTooLong)
         );
+    }
+
+    /// A zone whose cells are all taken refuses new series without
+    /// touching the table, and its gate keeps refusals from cleaning more
+    /// than once a second.
+    #[test]
+    fn refused_for_want_of_cells_leaves_the_table_alone() {
+        let gate = AtomicU64::new(0);
+        let mut m = mem(256, 1 << 16);
+        let mut t = table(&mut m, 21 * 4);
+        t.clean_gate = Some(&gate);
+        for i in 0..4u32 {
+            t.get_or_insert(0, &i.to_le_bytes(), 21, 5)
+                .expect("room for 4");
+        }
+        for i in 4..200u32 {
+            assert_eq!(
+                t.get_or_insert(0, &i.to_le_bytes(), 21, 5),
+                Err(TableError::Full)
+            );
+        }
+        let (ready, claimed, dead) = t.census();
+        assert_eq!((ready, claimed, dead), (4, 0, 0));
+        assert_eq!(t.slots_used.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            gate.load(Ordering::Relaxed),
+            (5 << 1) | 1,
+            "the gate is shut for second 5"
+        );
+        // a narrower series still fits in what is left? no: every cell is
+        // taken; one of another width is refused too, and existing ones
+        // are still found
+        assert_eq!(t.get_or_insert(0, b"w", 1, 5), Err(TableError::Full));
+        assert_eq!(
+            t.get_or_insert(0, &2u32.to_le_bytes(), 21, 5).map(|r| r.1),
+            Ok(false)
+        );
+    }
+
+    /// The key pool holds a block, the key arena is full and a key needs
+    /// two blocks: the room check lets the insert try, its fill fails and
+    /// leaves the slot dead. The next clean empties that slot, which gives
+    /// no room: the gate shuts all the same (before, it stayed open and
+    /// every such refusal scanned the whole table).
+    #[test]
+    fn a_clean_that_frees_no_room_shuts_the_gate() {
+        let gate = AtomicU64::new(0);
+        // two key blocks in all
+        let mut m = mem(256, (2 * BLOCK) as usize);
+        let mut t = table(&mut m, 1000);
+        t.clean_gate = Some(&gate);
+        t.get_or_insert(0, b"a", 1, 0).unwrap();
+        t.get_or_insert(0, b"b", 1, 0).unwrap();
+        let i = t.find(0, b"a").unwrap().unwrap();
+        assert!(t.kill(i, 0));
+        // past the grace: the clean gives a's block to the pool
+        let now = REUSE_GRACE_SECS + 1;
+        assert_eq!(
+            t.clean(now),
+            Freed {
+                slots: 1,
+                records: 1
+            }
+        );
+        let long = |k: u8| [k; FIRST_KEY + 1];
+        for k in 0..20 {
+            assert_eq!(t.get_or_insert(0, &long(k), 1, now), Err(TableError::Full));
+        }
+        assert_eq!(gate.load(Ordering::Relaxed), ((now as u64) << 1) | 1);
+        let (_, _, dead) = t.census();
+        assert!(
+            dead >= 20,
+            "no clean ran after the first refusal: the refusals' dead slots are still there ({dead})"
+        );
+        // the next second cleans once more and empties them
+        assert_eq!(
+            t.get_or_insert(0, &long(99), 1, now + 1),
+            Err(TableError::Full)
+        );
+        let (_, _, dead) = t.census();
+        assert!(dead <= 2, "{dead} dead slots after the next second's clean");
+        // a short key still fits in the pooled block
+        assert!(t.get_or_insert(0, b"c", 1, now + 1).unwrap().1);
     }
 
     #[test]

@@ -307,7 +307,7 @@ pub fn series_table(data: &[u8]) {
             6 => {
                 let freed = t.clean(now);
                 if trace() {
-                    eprintln!("t={now} clean: {freed} freed");
+                    eprintln!("t={now} clean: {freed:?} freed");
                 }
             }
             _ => {
