@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# bench/full-zone.sh: how long a full zone takes to refuse new label sets.
+# A check by hand beside `make bench` (its figures go into RESULTS.md's
+# "Full zone" section); writes nothing into the repository.
+#
+#   bench/full-zone.sh [KIND] [REPO]
+#
+# KIND: histogram (default; one family `fz_seconds{id}` of 19 buckets, 21
+# cells a label set: the zone's cells run out before its slots) or counter
+# (`fz_total{id}`: the slots run out first). REPO: the checkout whose
+# lua/ and target/release/libshmprom.so are loaded (default: this one;
+# another worktree compares two commits). One nginx, 1 worker, a 32m zone;
+# a content_by_lua handler creates label sets k = from .. from+n-1 and
+# times its loop; the script fills the zone (200k tries for histograms,
+# 600k for counters), then asks for 10k new label sets three times.
+set -euo pipefail
+KIND=${1:-histogram}
+REPO=${2:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+[[ -f $REPO/target/release/libshmprom.so ]] || { echo "full-zone: $REPO/target/release/libshmprom.so is missing (make build)" >&2; exit 1; }
+case $KIND in
+    histogram) FILL=200000
+               DEF='F = M:histogram("fz_seconds", "Full zone check", { "id" }, { 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10 })'
+               REC='F:observe(0.01, { tostring(k) })' ;;
+    counter)   FILL=600000
+               DEF='F = M:counter("fz_total", "Full zone check", { "id" })'
+               REC='F:inc(1, { tostring(k) })' ;;
+    *) echo "full-zone: KIND is histogram or counter" >&2; exit 1 ;;
+esac
+W=$(mktemp -d /tmp/shmprom-fullzone.XXXXXX)
+PORT=$(perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen=>1,LocalAddr=>"127.0.0.1",LocalPort=>0)->sockport')
+mkdir -p "$W/logs"
+user=
+[[ $(id -u) == 0 ]] && user='user root root;'
+cat >"$W/nginx.conf" <<EOC
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+$user
+worker_processes 1;
+pid $W/nginx.pid;
+error_log $W/logs/error.log crit;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path $W/body;
+    lua_package_path "$REPO/lua/?.lua;;";
+    lua_package_cpath "$REPO/target/release/?.so;;";
+    init_by_lua_block {
+        local shmprom = require "resty.shmprom"
+        M = shmprom.new{ zone = "fz", size = "32m" }
+        $DEF
+    }
+    init_worker_by_lua_block { M:init_worker() }
+    server {
+        listen 127.0.0.1:$PORT;
+        location = /fill {
+            content_by_lua_block {
+                local from, n = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_n)
+                ngx.update_time()
+                local t0 = ngx.now()
+                local made, refused = 0, 0
+                for k = from, from + n - 1 do
+                    if $REC then made = made + 1 else refused = refused + 1 end
+                end
+                ngx.update_time()
+                ngx.say(made, " created, ", refused, " refused, ",
+                        string.format("%.3f", ngx.now() - t0), " s")
+            }
+        }
+    }
+}
+EOC
+nginx -p "$W/" -c "$W/nginx.conf"
+stop() { [[ -f $W/nginx.pid ]] && kill "$(cat "$W/nginx.pid")"; rm -rf "$W"; }
+trap stop EXIT
+up=
+for _ in $(seq 1 100); do
+    if curl -s -o /dev/null "http://127.0.0.1:$PORT/fill?from=0&n=0"; then up=1; break; fi
+    sleep 0.1
+done
+[[ -n $up ]] || { echo "full-zone: nginx did not answer" >&2; cat "$W/logs/error.log" >&2; exit 1; }
+echo "$KIND, $REPO (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+echo "fill, $FILL tries: $(curl -s "http://127.0.0.1:$PORT/fill?from=0&n=$FILL")"
+for r in 1 2 3; do
+    echo "10k new:           $(curl -s "http://127.0.0.1:$PORT/fill?from=$((r * 1000000))&n=10000")"
+done
