@@ -481,6 +481,40 @@ impl Zone {
             + h.cells_used.load(Ordering::Relaxed).min(h.cells_cap) * 8 * h.planes as u64
     }
 
+    /// How much of each region new series take room from has been handed
+    /// out, 0 to 1: the table's slots (against the 15/16 of them an insert
+    /// may fill), the key arena (label values; family strings too) and the
+    /// cell arena. A new series is refused when any of them has too little
+    /// left. Room that deleted or expired series gave back is reused and
+    /// still counts as handed out.
+    pub fn fill_ratios(&self) -> [(&'static str, f64); 3] {
+        let h = self.header();
+        let ratio = |used: u64, cap: u64| {
+            if cap == 0 {
+                1.0
+            } else {
+                used.min(cap) as f64 / cap as f64
+            }
+        };
+        [
+            (
+                "slots",
+                ratio(
+                    h.slots_used.load(Ordering::Relaxed),
+                    self.table().slot_limit(),
+                ),
+            ),
+            (
+                "keys",
+                ratio(h.keys_used.load(Ordering::Relaxed), h.keys_cap),
+            ),
+            (
+                "cells",
+                ratio(h.cells_used.load(Ordering::Relaxed), h.cells_cap),
+            ),
+        ]
+    }
+
     /// Counts an error of kind `k` (index into [`ERROR_KINDS`]).
     pub fn count_error(&self, k: usize) {
         if let Some(c) = self.header().errors.get(k) {

@@ -103,6 +103,10 @@ dfs_gateway_node_probe_duration_seconds{node="127.0.0.1:8082"} 0.002
 # TYPE shmprom_zone_bytes gauge
 shmprom_zone_bytes{type="used"} 1000
 shmprom_zone_bytes{type="capacity"} 4000
+# TYPE shmprom_zone_fill_ratio gauge
+shmprom_zone_fill_ratio{region="slots"} 0.25
+shmprom_zone_fill_ratio{region="keys"} 0.125
+shmprom_zone_fill_ratio{region="cells"} 0.5
 # TYPE shmprom_series gauge
 shmprom_series{family="a"} 30
 shmprom_series{family="b"} 20
@@ -327,6 +331,9 @@ is $z->{series}, 50, 'series';
 is $z->{series_capacity}, 200, 'series capacity';
 near $z->{series_ratio}, 0.25, 'series ratio';
 is_deeply $z->{series_by_family}, { a => 30, b => 20 }, 'series by family';
+is_deeply $z->{fill}, { slots => 0.25, keys => 0.125, cells => 0.5 }, 'fill ratio per region';
+is $z->{fill_ratio}, 0.5, 'the fullest region\'s fill ratio';
+is $z->{fill_region}, 'cells', 'the fullest region';
 is $z->{dropped}, 3, 'dropped summed';
 is $z->{errors}, 4, 'errors summed';
 is $z->{planes_in_use}, 2, 'planes in use';

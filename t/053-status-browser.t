@@ -419,7 +419,8 @@ ok @vals > 30, scalar(@vals) . ' numbers on the page (data-k)';
 my @required = ((map { "ops.$_.requests" } sort keys %sent),
                 (map { "nodes.127.0.0.1:$_.up" } @NODE_PORTS),
                 'nodes_up', 'totals.error_ratio', 'totals.in_flight',
-                'ops.read.errors', 'ops.read.duration.p99', 'zone.bytes_used', 'zone.series');
+                'ops.read.errors', 'ops.read.duration.p99', 'zone.bytes_used', 'zone.series',
+                'zone.fill_ratio');
 ok exists $by_k{$_}, "page shows $_" for @required;
 {
     my ($compared, @bad) = (0);

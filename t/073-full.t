@@ -1,6 +1,9 @@
 # Issue 7.4: a tiny zone (256k) filled up.
 #  - new series are refused with a clear error and counted, exactly, in
 #    shmprom_series_dropped_total{family}
+#  - shmprom_zone_fill_ratio{region} shows which region ran out: the
+#    table's slots for short counters, the cells for a zone of histograms
+#    (a second zone), where the slots stay far from full
 #  - the refusals are logged at a bounded rate (about one line per second
 #    per worker)
 #  - series that existed before stay exact while the zone is full
@@ -32,8 +35,12 @@ my $n = ShmpromTest->new(
         m_keep   = metrics:counter("t_keep_total", "Series made before the zone fills.", {"k"})
         m_hist   = metrics:histogram("t_keep_seconds", "Histogram made before the zone fills.", {"k"}, {0.1, 1})
         m_served = metrics:counter("t_served_total", "Requests to /keep.")
+        hmetrics = shmprom.new{ zone = "t073h", size = "256k" }
+        m_wide   = hmetrics:histogram("t_wide_seconds", "19 buckets: 21 cells a label set.", {"id"},
+                                      {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4,
+                                       0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10})
 LUA
-    init_worker => '        metrics:init_worker()',
+    init_worker => '        metrics:init_worker(); hmetrics:init_worker()',
     server      => <<'NGX',
         # new series ids from..to in t_fill_total: answers "ok failed", the
         # first error in X-Err
@@ -71,6 +78,20 @@ LUA
         }
         location = /metrics {
             content_by_lua_block { metrics:collect() }
+        }
+        # histogram label sets ids from..to in the second zone: "ok failed"
+        location = /hfill {
+            content_by_lua_block {
+                local a, b = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_to)
+                local good, bad = 0, 0
+                for i = a, b do
+                    if m_wide:observe(0.01, { "h" .. i }) then good = good + 1 else bad = bad + 1 end
+                end
+                ngx.say(good, " ", bad)
+            }
+        }
+        location = /hmetrics {
+            content_by_lua_block { hmetrics:collect() }
         }
 NGX
 );
@@ -185,6 +206,29 @@ is(metric_value($p, 't_keep_total', k => 'brand-new'), undef, 'the refused serie
 my $used = metric_value($p, 'shmprom_zone_bytes', type => 'used') // 0;
 my $zcap = metric_value($p, 'shmprom_zone_bytes', type => 'capacity') // 0;
 cmp_ok($used, '<=', $zcap, "zone bytes used $used <= capacity $zcap");
+my %fill = map { $_ => metric_value($p, 'shmprom_zone_fill_ratio', region => $_) } qw(slots keys cells);
+is($fill{slots}, 1, 'shmprom_zone_fill_ratio{region="slots"} = 1: short counters run the slots out');
+for my $r (qw(keys cells)) {
+    ok(defined $fill{$r} && $fill{$r} >= 0 && $fill{$r} < 1, "shmprom_zone_fill_ratio{region=\"$r\"} = "
+       . ($fill{$r} // 'missing') . ': room left');
+}
+
+# ---------------------------------------------------------------- a zone of histograms
+my ($hgood, $hbad) = (0, 0);
+for my $i (0 .. 99) {
+    my $r = $n->get('/hfill?from=' . (100 * $i) . '&to=' . (100 * $i + 99));
+    my ($g, $b) = $r->{body} =~ /^(\d+) (\d+)/ or last;
+    $hgood += $g;
+    $hbad += $b;
+    last if $b > 0;
+}
+cmp_ok($hbad, '>', 0, "the histogram zone filled up: $hgood label sets, then refusals");
+my $hp = eval { parse_metrics($n->get('/hmetrics')->{body}) } || { list => [], samples => {}, type => {} };
+my %hfill = map { $_ => metric_value($hp, 'shmprom_zone_fill_ratio', region => $_) // -1 } qw(slots keys cells);
+cmp_ok($hfill{cells}, '>', 0.95, "cells ran out: shmprom_zone_fill_ratio{region=\"cells\"} = $hfill{cells}");
+cmp_ok($hfill{slots}, '<', 0.5, "the slots did not: shmprom_zone_fill_ratio{region=\"slots\"} = $hfill{slots}");
+is(metric_value($hp, 'shmprom_series_dropped_total', family => 't_wide_seconds'), $hbad,
+   'the refused histogram label sets are counted');
 
 # the log: refusals logged at a bounded rate
 my @lines = grep { /zone full/ } split /\n/, $n->error_log(since => $mark);

@@ -329,4 +329,18 @@ fn render_self(out: &mut Out<'_>, z: &Zone, fams: &[Family<'_>], live: &Live) {
         Some(("type", b"capacity")),
         cap,
     );
+    out.header(
+        "shmprom_zone_fill_ratio",
+        b"Share of each region new series take room from that is handed out (slots, keys, cells); a new series is refused when one is full",
+        g,
+    );
+    for (region, r) in z.fill_ratios() {
+        self_line(
+            out,
+            "shmprom_zone_fill_ratio",
+            g,
+            Some(("region", region.as_bytes())),
+            r,
+        );
+    }
 }

@@ -63,6 +63,9 @@
 --     "zone": {
 --       "bytes_used": 123456, "bytes_capacity": 33554432, "bytes_ratio": 0.0037,
 --       "series": 180, "series_capacity": 65536, "series_ratio": 0.0027,
+--       "fill": {"slots": 0.003, "keys": 0.002, "cells": 0.05},
+--       "fill_ratio": 0.05, "fill_region": "cells",   the fullest region:
+--                                     a new series is refused at 1
 --       "series_by_family": {"dfs_gateway_requests_total": 12, ...},
 --       "dropped": 0,                   shmprom_series_dropped_total, summed
 --       "errors": 0,                    shmprom_errors_total, summed
@@ -485,6 +488,14 @@ end
 H.shmprom_zone_bytes = zone_by("type", { used = "bytes_used",
                                          capacity = "bytes_capacity" })
 
+H.shmprom_zone_fill_ratio = function(s, st)
+    local r = s.labels.region
+    if r then
+        st.zone.fill = st.zone.fill or {}
+        st.zone.fill[r] = s.value
+    end
+end
+
 H.shmprom_series = function(s, st)
     add(st.zone, "series", s.value)
     add(st.zone.series_by_family, s.labels.family or "", s.value)
@@ -546,6 +557,11 @@ function _M.build(text, now)
     local z = st.zone
     z.bytes_ratio = ratio(z.bytes_used, z.bytes_capacity)
     z.series_ratio = ratio(z.series, z.series_capacity)
+    for region, r in pairs(z.fill or {}) do
+        if not z.fill_ratio or r > z.fill_ratio then
+            z.fill_ratio, z.fill_region = r, region
+        end
+    end
     z.dropped = z.dropped or 0
     z.errors = z.errors or 0
 
@@ -810,6 +826,10 @@ canvas { width: 100%; height: 140px; display: block; background: var(--card);
     <div class="bar" id="bar-series"><i></i></div>
     <span data-k="zone.series" id="z-series">&ndash;</span> of
     <span data-k="zone.series_capacity" id="z-scap">&ndash;</span></div>
+  <div class="card"><div class="k">Fullest region (new series refused at 100 %)</div>
+    <div class="bar" id="bar-fill"><i></i></div>
+    <span id="z-fregion">&ndash;</span>
+    <span data-k="zone.fill_ratio" id="z-fill">&ndash;</span></div>
   <div class="card"><div class="k">Dropped series &middot; update errors
     &middot; planes in use &middot; spares in use</div>
     <div class="v"><span data-k="zone.dropped" id="z-dropped">&ndash;</span>
@@ -1014,8 +1034,11 @@ canvas { width: 100%; height: 140px; display: block; background: var(--card);
     set(document.getElementById("z-errors"), fmtCount(z.errors), z.errors);
     set(document.getElementById("z-planes"), fmtCount(z.planes_in_use), z.planes_in_use);
     set(document.getElementById("z-spares"), fmtCount(z.spares_in_use), z.spares_in_use);
+    set(document.getElementById("z-fregion"), z.fill_region || "\u2013", z.fill_region);
+    set(document.getElementById("z-fill"), fmtPct(z.fill_ratio), z.fill_ratio);
     bar("bar-bytes", z.bytes_ratio);
     bar("bar-series", z.series_ratio);
+    bar("bar-fill", z.fill_ratio);
   }
 
   function renderCards(j) {
