@@ -137,7 +137,7 @@ for my $m (qw(dfs_gateway_requests_total dfs_gateway_request_duration_seconds_bu
               dfs_gateway_upstream_attempts_total dfs_gateway_upstream_failures_total
               dfs_gateway_upstream_retries_total dfs_gateway_upstream_duration_seconds_bucket
               dfs_gateway_node_up dfs_gateway_node_probe_duration_seconds
-              dfs_gateway_connections shmprom_zone_bytes shmprom_series
+              dfs_gateway_connections shmprom_zone_bytes shmprom_zone_fill_ratio shmprom_series
               shmprom_series_capacity shmprom_series_dropped_total shmprom_errors_total
               up)) {
     like $all, qr/\b\Q$m\E\{/, "some panel queries $m";
