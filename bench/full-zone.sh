@@ -9,12 +9,15 @@
 # cells a label set: the zone's cells run out before its slots) or counter
 # (`fz_total{id}`: the slots run out first). REPO: the checkout whose
 # lua/ and target/release/libshmprom.so are loaded (default: this one;
-# another worktree compares two commits). One nginx, 1 worker, a 32m zone;
+# another worktree compares two commits). WORKERS=n: nginx workers (default
+# 1; the zone has a plane per worker plus a shared one, and one request
+# fills it from one worker). One nginx, a 32m zone;
 # a content_by_lua handler creates label sets k = from .. from+n-1 and
 # times its loop; the script fills the zone (200k tries for histograms,
 # 600k for counters), then asks for 10k new label sets three times.
 set -euo pipefail
 KIND=${1:-histogram}
+WORKERS=${WORKERS:-1}
 REPO=${2:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 [[ -f $REPO/target/release/libshmprom.so ]] || { echo "full-zone: $REPO/target/release/libshmprom.so is missing (make build)" >&2; exit 1; }
 case $KIND in
@@ -35,7 +38,7 @@ cat >"$W/nginx.conf" <<EOC
 load_module /usr/lib/nginx/modules/ndk_http_module.so;
 load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
 $user
-worker_processes 1;
+worker_processes $WORKERS;
 pid $W/nginx.pid;
 error_log $W/logs/error.log crit;
 events { worker_connections 64; }
@@ -78,7 +81,7 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 [[ -n $up ]] || { echo "full-zone: nginx did not answer" >&2; cat "$W/logs/error.log" >&2; exit 1; }
-echo "$KIND, $REPO (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+echo "$KIND, $WORKERS worker(s), $REPO (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo "fill, $FILL tries: $(curl -s "http://127.0.0.1:$PORT/fill?from=0&n=$FILL")"
 for r in 1 2 3; do
     echo "10k new:           $(curl -s "http://127.0.0.1:$PORT/fill?from=$((r * 1000000))&n=10000")"
