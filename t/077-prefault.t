@@ -85,6 +85,7 @@ NGX
 # pieces of the same object (same inode) are added up.
 sub zones_of {
     my ($pid) = @_;
+    no warnings 'portable';    # 64-bit addresses through hex()
     open my $fh, '<', "/proc/$pid/smaps" or return [];
     my (@m, $cur);
     while (my $l = <$fh>) {
