@@ -28,9 +28,11 @@ use lib "$FindBin::Bin/lib";
 use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
              md_table write_fragment spew slurp logmsg spawn_child
-             stop_child add_target $OUT);
+             stop_child add_target stall_locations $OUT);
 use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
+
+my $STALL_LOCATIONS = stall_locations();
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 10);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
@@ -88,15 +90,7 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
                 ngx.say("ok")
             }
         }
-        location = /stall/reset {
-            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
-        }
-        location = /stall/read {
-            content_by_lua_block {
-                ngx.say(require("shmprom_bench.json").encode(
-                    require("shmprom_bench.stall").read()))
-            }
-        }
+$STALL_LOCATIONS
         # diagnostic: m:collect()'s steps timed one by one (the same public
         # C ABI calls and the same 256 KiB pieces as resty.shmprom's
         # collect), by the worker's CPU clock: what of a scrape runs on the
@@ -298,15 +292,7 @@ if ($PEER) {
     server {
         listen 127.0.0.1:$pmport;
         location = /metrics { content_by_lua_block { peer_prom:collect() } }
-        location = /stall/reset {
-            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
-        }
-        location = /stall/read {
-            content_by_lua_block {
-                ngx.say(require("shmprom_bench.json").encode(
-                    require("shmprom_bench.stall").read()))
-            }
-        }
+$STALL_LOCATIONS
         location = /fill {
             content_by_lua_block {
                 local F = require "shmprom_bench.fill"

@@ -34,8 +34,10 @@ use lib "$FindBin::Bin/lib";
 use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
              md_table write_fragment spew slurp logmsg spawn_child
-             wait_child add_target $OUT);
+             wait_child add_target stall_locations $OUT);
 use Time::HiRes qw(time sleep);
+
+my $STALL_LOCATIONS = stall_locations();
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
@@ -96,15 +98,7 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
     }
     server {
         listen 127.0.0.1:$cport;
-        location = /stall/reset {
-            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
-        }
-        location = /stall/read {
-            content_by_lua_block {
-                ngx.say(require("shmprom_bench.json").encode(
-                    require("shmprom_bench.stall").read()))
-            }
-        }
+$STALL_LOCATIONS
         location = /batch {
             content_by_lua_block {
                 local F = require "shmprom_bench.fill"
@@ -273,15 +267,7 @@ if ($PEER) {
     }
     server {
         listen 127.0.0.1:$pcport;
-        location = /stall/reset {
-            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
-        }
-        location = /stall/read {
-            content_by_lua_block {
-                ngx.say(require("shmprom_bench.json").encode(
-                    require("shmprom_bench.stall").read()))
-            }
-        }
+$STALL_LOCATIONS
         location = /batch {
             content_by_lua_block {
                 local F = require "shmprom_bench.fill"

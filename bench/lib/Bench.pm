@@ -32,7 +32,7 @@ our @EXPORT_OK = qw(
     free_ports nginx_start nginx_stop worker_pids cpu_ticks clk_tck conf_head shmprom_module
     wrk_run http_get http_get_json wait_until median minmax fmt_num
     md_table write_fragment slurp spew spawn_child stop_child wait_child json_encode
-    add_target
+    add_target stall_locations
     lua_paths logmsg
 );
 
@@ -151,6 +151,25 @@ http {
     access_log off;
 $temp
 EOC
+}
+
+# The stall detector's two locations (bench/lua/shmprom_bench/stall.lua):
+# /stall/reset starts a new measuring window in every worker, /stall/read
+# answers the longest gaps per worker as JSON. The conf also needs
+# `lua_shared_dict stall 1m;` and, in init_worker_by_lua,
+# `require("shmprom_bench.stall").start("stall", 0.001)`.
+sub stall_locations {
+    return <<'EOL';
+        location = /stall/reset {
+            content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
+        }
+        location = /stall/read {
+            content_by_lua_block {
+                ngx.say(require("shmprom_bench.json").encode(
+                    require("shmprom_bench.stall").read()))
+            }
+        }
+EOL
 }
 
 sub _proc_stat_fields {
