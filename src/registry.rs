@@ -523,9 +523,28 @@ fn key_of<'b>(values: &[&[u8]], stack: &'b mut [u8], heap: &'b mut Vec<u8>) -> &
 }
 
 /// Decodes a key made by [`encode_key`] into its values.
-pub fn decode_key(mut key: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    while !key.is_empty() {
+pub fn decode_key(key: &[u8]) -> Vec<&[u8]> {
+    key_values(key).collect()
+}
+
+/// The values of a key made by [`encode_key`], one by one (no allocation).
+pub fn key_values(key: &[u8]) -> KeyValues<'_> {
+    KeyValues { rest: key }
+}
+
+/// Iterator of [`key_values`].
+pub struct KeyValues<'k> {
+    rest: &'k [u8],
+}
+
+impl<'k> Iterator for KeyValues<'k> {
+    type Item = &'k [u8];
+
+    fn next(&mut self) -> Option<&'k [u8]> {
+        let key = self.rest;
+        if key.is_empty() {
+            return None;
+        }
         let mut n = 0usize;
         let mut shift = 0;
         let mut i = 0;
@@ -539,10 +558,9 @@ pub fn decode_key(mut key: &[u8]) -> Vec<&[u8]> {
             shift += 7;
         }
         let end = (i + n).min(key.len());
-        out.push(&key[i..end]);
-        key = &key[end..];
+        self.rest = &key[end..];
+        Some(&key[i..end])
     }
-    out
 }
 
 /// Error from a series lookup.

@@ -8,7 +8,8 @@ pub fn write_f64(buf: &mut Vec<u8>, v: f64) {
         buf.extend_from_slice(b"NaN");
     } else if v.is_infinite() {
         buf.extend_from_slice(if v > 0.0 { b"+Inf" } else { b"-Inf" });
-    } else if v == v.trunc() && v.abs() < 1e15 {
+    } else if v.abs() < 1e15 && (v as i64) as f64 == v {
+        // an integer (the cast round trip: no call to a software trunc)
         let mut b = itoa::Buffer::new();
         buf.extend_from_slice(b.format(v as i64).as_bytes());
     } else {
@@ -69,6 +70,10 @@ mod tests {
         assert_eq!(f(f64::NEG_INFINITY), "-Inf");
         assert_eq!(f(f64::NAN), "NaN");
         assert_eq!(f(123456789012.0), "123456789012");
+        assert_eq!(f(999999999999999.0), "999999999999999");
+        assert_eq!(f(1e15), "1000000000000000.0");
+        assert_eq!(f(-2.5), "-2.5");
+        assert_eq!(f(0.1 + 0.2), "0.30000000000000004");
     }
 
     #[test]

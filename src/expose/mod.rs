@@ -118,8 +118,8 @@ pub fn render(z: &Zone, fmt: Format) -> Vec<u8> {
 /// `{a="x",b="y"` (no closing brace) for a series, or empty.
 fn label_prefix(buf: &mut Vec<u8>, f: &Family<'_>, key: &[u8]) {
     buf.clear();
-    let vals = crate::registry::decode_key(key);
-    for (i, (n, v)) in f.labels.iter().zip(vals.iter()).enumerate() {
+    let vals = crate::registry::key_values(key);
+    for (i, (n, v)) in f.labels.iter().zip(vals).enumerate() {
         buf.push(if i == 0 { b'{' } else { b',' });
         buf.extend_from_slice(n.as_bytes());
         buf.extend_from_slice(b"=\"");
@@ -153,37 +153,44 @@ fn render_family(out: &mut Out<'_>, z: &Zone, f: &Family<'_>, slots: &[u32], liv
         }
         Kind::Histogram => {
             let nb = f.buckets.len();
-            let les: Vec<Vec<u8>> = f
+            // the end of each bucket's line but its value, written once:
+            // `le="0.005"} `
+            let tails: Vec<Vec<u8>> = f
                 .buckets
                 .iter()
                 .map(|b| {
-                    let mut v = Vec::new();
+                    let mut v = b"le=\"".to_vec();
                     write_f64(&mut v, *b);
+                    v.extend_from_slice(b"\"} ");
                     v
                 })
-                .chain(std::iter::once(b"+Inf".to_vec()))
+                .chain(std::iter::once(b"le=\"+Inf\"} ".to_vec()))
                 .collect();
-            let bucket = format!("{}_bucket", f.name);
             let sum = format!("{}_sum", f.name);
             let count = format!("{}_count", f.name);
+            // the start of the series' bucket lines: `name_bucket{labels,`
+            // (`name_bucket{` without labels)
+            let mut head = Vec::with_capacity(128);
             for &i in slots {
                 let Some(s) = t.get(i as usize) else { continue };
                 if !t.read_key(&s, &mut key) {
                     continue; // deleted and reused while we read it
                 }
                 label_prefix(&mut lp, f, &key);
+                head.clear();
+                head.extend_from_slice(f.name.as_bytes());
+                head.extend_from_slice(b"_bucket");
+                if lp.is_empty() {
+                    head.push(b'{');
+                } else {
+                    head.extend_from_slice(&lp);
+                    head.push(b',');
+                }
                 let mut cum = 0.0;
-                for (b, le) in les.iter().enumerate() {
+                for (b, tail) in tails.iter().enumerate() {
                     cum += sum_cell(z, f, live, s.cell as u64 + b as u64);
-                    out.s(&bucket);
-                    if lp.is_empty() {
-                        out.buf.extend_from_slice(b"{le=\"");
-                    } else {
-                        out.buf.extend_from_slice(&lp);
-                        out.buf.extend_from_slice(b",le=\"");
-                    }
-                    out.buf.extend_from_slice(le);
-                    out.buf.extend_from_slice(b"\"} ");
+                    out.buf.extend_from_slice(&head);
+                    out.buf.extend_from_slice(tail);
                     write_f64(&mut out.buf, cum);
                     out.buf.push(b'\n');
                 }
