@@ -28,7 +28,7 @@ use lib "$FindBin::Bin/lib";
 use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
              md_table write_fragment spew slurp logmsg spawn_child
-             stop_child add_target stall_locations $OUT);
+             stop_child add_target stall_locations wait_for_conns $OUT);
 use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
 
@@ -161,6 +161,10 @@ sub scraper {
     my ($file, $mode, $secs, $mport) = @_;
     open my $out, '>', $file or die "$file: $!\n";
     $out->autoflush(1);
+    # wrk's 50 connections first (and this check's): a first scrape that
+    # holds a worker (the peer's render does) would otherwise leave wrk
+    # to connect to the other one only, and spare its requests the stall
+    wait_for_conns($mport, 51, 10) or print {$out} "# wrk's connections not seen\n";
     my $deadline = time + $secs + 5;
     for (1 .. 100_000) {
         last if time > $deadline;
@@ -236,18 +240,19 @@ sub run_rounds {
             ($runs{$mode}[$r]{wall}) = sort { $b <=> $a } @{ $stall->{wall} };
             $runs{$mode}[$r]{scraper_cpu} = $sc_cpu / Bench::clk_tck() / $res->{secs};
             if ($pid) {
-                for my $l (split /\n/, slurp($file) // '') {
+                for my $l (grep { !/^#/ } split /\n/, slurp($file) // '') {
                     my ($d, $n, $ok) = split ' ', $l;
                     push @{ $scrapes{$mode} }, { secs => $d, bytes => $n, ok => $ok };
                 }
-                $runs{$mode}[$r]{scrapes} = scalar(split /\n/, slurp($file) // '');
+                $runs{$mode}[$r]{scrapes} = scalar(grep { !/^#/ } split /\n/, slurp($file) // '');
             }
             $runs{$mode}[$r]{wrk} = $res;
             logmsg sprintf('(e) %s round %d %-10s %8.0f req/s p99 %.2f ms max %.1f ms scrapes %s busy %.1f ms '
-                           . 'wall %.1f ms cpu/req %.2f us',
+                           . 'wall %.1f ms cpu/req %.2f us, worker CPU shares %s',
                            $lib, $r + 1, $mode, $res->{rps}, 1000 * $res->{p99}, 1000 * $res->{max},
                            $runs{$mode}[$r]{scrapes} // 0, $runs{$mode}[$r]{busy}, $runs{$mode}[$r]{wall},
-                           $res->{cpu_us_per_req} // -1);
+                           $res->{cpu_us_per_req} // -1,
+                           join('/', map { sprintf '%.2f', $_ } @{ $res->{worker_shares} || [] }));
         }
     }
     return (\%runs, \%scrapes);
@@ -388,11 +393,13 @@ for my $mode (@MODES) {
 my $cmd = $runs{none}[0]{wrk}{cmd};
 $cmd =~ s/:\d+\//:PORT\//;
 my $md = "## (e) Scraping 230k series under load\n\n";
-$md .= "One nginx, 2 workers; the zone holds " . fmt_num($lines) . " sample lines ("
+$md .= "One nginx, 2 workers (nginx's default accept, no reuseport); the zone holds " . fmt_num($lines) . " sample lines ("
      . sprintf('%.1f MB', $size / 1e6) . " per scrape: 10k counters + 10k histograms of 19 buckets "
      . "= 230k series, plus the README metrics and self-metrics). Load: `$cmd` on a server running "
      . "the README example in log_by_lua. Scraper (a process forked by the bench, stopped by pid "
-     . "when wrk ends): `GET /metrics` (`m:collect()`, same 2 workers, another port) never "
+     . "when wrk ends; its first scrape waits until wrk's 50 connections are open, so that a "
+     . "scrape holding a worker cannot keep wrk from connecting to it): `GET /metrics` "
+     . "(`m:collect()`, same 2 workers, another port) never "
      . "(baseline), once a second (start to start), or back to back. $ROUNDS rounds, modes in a "
      . "rotated order; ratios against the no-scrape run of the same round, medians.\n\n";
 $md .= md_table([ 'scraping', 'req/s', 'req/s ratio', 'p99 ms', 'p99 ratio', 'max latency ms',

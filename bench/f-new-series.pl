@@ -34,7 +34,7 @@ use lib "$FindBin::Bin/lib";
 use Bench qw(conf_head $REPO $WORK $QUICK $PEER free_ports nginx_start
              nginx_stop http_get http_get_json wrk_run median minmax fmt_num
              md_table write_fragment spew slurp logmsg spawn_child
-             wait_child add_target stall_locations $OUT);
+             wait_child add_target stall_locations wait_for_conns $OUT);
 use Time::HiRes qw(time sleep);
 
 my $STALL_LOCATIONS = stall_locations();
@@ -177,6 +177,8 @@ sub run_rounds {
                 my $base = 1_000_000 * $gen;
                 my $q = $batch_query->($mode);
                 $batch_pid = spawn_child('batch', sub {
+                    # under load: wrk's 50 connections open, and a second in
+                    wait_for_conns($cport, 51, 10);
                     sleep 1;
                     http_get("http://127.0.0.1:$cport/batch?base=$base&n=$NEW$q", 60, $bfile);
                 });

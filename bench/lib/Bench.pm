@@ -32,7 +32,7 @@ our @EXPORT_OK = qw(
     free_ports nginx_start nginx_stop worker_pids cpu_ticks clk_tck conf_head shmprom_module
     wrk_run http_get http_get_json wait_until median minmax fmt_num
     md_table write_fragment slurp spew spawn_child stop_child wait_child json_encode
-    add_target stall_locations
+    add_target stall_locations wait_for_conns
     lua_paths logmsg
 );
 
@@ -157,9 +157,14 @@ EOC
 # /stall/reset starts a new measuring window in every worker, /stall/read
 # answers the longest gaps per worker as JSON. The conf also needs
 # `lua_shared_dict stall 1m;` and, in init_worker_by_lua,
-# `require("shmprom_bench.stall").start("stall", 0.001)`.
+# `require("shmprom_bench.stall").start("stall", 0.001)`. And /conns: the
+# nginx's open client connections (stub_status's active), for
+# wait_for_conns.
 sub stall_locations {
     return <<'EOL';
+        location = /conns {
+            content_by_lua_block { ngx.say(ngx.var.connections_active) }
+        }
         location = /stall/reset {
             content_by_lua_block { ngx.say(require("shmprom_bench.stall").reset()) }
         }
@@ -170,6 +175,19 @@ sub stall_locations {
             }
         }
 EOL
+}
+
+# wait_for_conns(port, n, timeout): waits until the nginx answering /conns
+# on `port` has at least n client connections open (this check's own
+# included); false on timeout. A load's connections are all open before
+# anything else is sent (so that, say, a scrape that blocks a worker cannot
+# keep wrk from connecting to it).
+sub wait_for_conns {
+    my ($port, $n, $timeout) = @_;
+    return wait_until(sub {
+        my ($code, undef, undef, $body) = http_get("http://127.0.0.1:$port/conns", 2);
+        return $code eq '200' && ($body // '') =~ /^(\d+)/ && $1 >= $n;
+    }, $timeout // 10, 0.01);
 }
 
 sub _proc_stat_fields {
@@ -381,6 +399,7 @@ sub wrk_run {
     push @cmd, '--', @{ $o{args} } if $o{args};
     my @pids = @{ $o{workers} // [] };
     my $t0 = cpu_ticks(@pids);
+    my @w0 = map { cpu_ticks($_) } @pids;
     my $out = '';
     my $pid = open(my $fh, '-|') // die "fork: $!\n";
     if (!$pid) {
@@ -403,6 +422,9 @@ sub wrk_run {
     delete $STARTED{$pid};
     my $t1 = cpu_ticks(@pids);
     my %r = (cmd => join(' ', @cmd), raw => $out, cpu_ticks => $t1 - $t0);
+    # each worker's share of the workers' CPU time over the run
+    my @w = map { cpu_ticks($pids[$_]) - $w0[$_] } 0 .. $#pids;
+    $r{worker_shares} = [ map { $r{cpu_ticks} > 0 ? $_ / $r{cpu_ticks} : 0 } @w ];
     ($r{rps}) = $out =~ /Requests\/sec:\s+([\d.]+)/;
     if ($out =~ /(\d+) requests in ([\d.]+)(us|ms|s|m)/) {
         $r{requests} = $1;
