@@ -138,7 +138,7 @@ for my $b (qw(a b c d e f)) {
     $md .= $frag if defined $frag;
 }
 $md .= "## Running them\n\n"
-     . "`make bench` (= `bench/run-all.sh`, about 15 minutes) rewrites this file; `QUICK=1 make bench` "
+     . "`make bench` (= `bench/run-all.sh`, about 18 minutes, 23 with the peer) rewrites this file; `QUICK=1 make bench` "
      . "takes about 2 minutes; `BENCH_ONLY=\"a c\"` picks benchmarks; `PEER_LUA_PATH=/path/to/"
      . "nginx-lua-prometheus` runs the peer side by side in every benchmark (its code is never copied "
      . "into this repository). Each benchmark is a Perl script under bench/ (helpers in "

@@ -3,7 +3,7 @@
 # bench/RESULTS.md with the machine, the date, each benchmark's command,
 # figures, the baseline measured in the same run, and the ratios.
 #
-#   bench/run-all.sh                 everything, ~15 minutes
+#   bench/run-all.sh                 everything, ~18 minutes (~23 with the peer)
 #   QUICK=1 bench/run-all.sh         short runs, ~2 minutes (debugging)
 #   BENCH_ONLY="a c" bench/run-all.sh   a subset (a b c d e f)
 #   PEER_LUA_PATH=/path/to/nginx-lua-prometheus bench/run-all.sh
