@@ -43,10 +43,7 @@ sub conf {
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
         bench_m = shmprom.new{ zone = "bench_c", size = "$case->{zone}" }
-        bench_c = bench_m:counter("bench_c_requests_total", "Requests",
-                                  { "route", "status" })
-        bench_h = bench_m:histogram("bench_c_duration_seconds", "Latency",
-                                    { "route" }, F.BUCKETS19)
+        bench_c, bench_h = F.families(bench_m, "bench_c", "route")
     }
     init_worker_by_lua_block { bench_m:init_worker() }
 EOL
@@ -55,10 +52,7 @@ EOL
     init_worker_by_lua_block {
         local F = require "shmprom_bench.fill"
         peer_prom = require("prometheus").init("peer_metrics")
-        bench_c = peer_prom:counter("bench_c_requests_total", "Requests",
-                                    { "route", "status" })
-        bench_h = peer_prom:histogram("bench_c_duration_seconds", "Latency",
-                                      { "route" }, F.BUCKETS19)
+        bench_c, bench_h = F.families(peer_prom, "bench_c", "route")
     }
 EOL
     my $collect = $peer ? 'peer_prom:collect()' : 'bench_m:collect()';

@@ -49,14 +49,9 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
         bench_m = shmprom.new{ zone = "bench_e", size = "64m"$NEW_OPTS }
-        bench_c = bench_m:counter("bench_c_requests_total", "Requests",
-                                  { "route", "status" })
-        bench_h = bench_m:histogram("bench_c_duration_seconds", "Latency",
-                                    { "route" }, F.BUCKETS19)
-        metric_requests = bench_m:counter("nginx_http_requests_total",
-            "Number of HTTP requests", {"host", "status"})
-        metric_latency = bench_m:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, F.BUCKETS19)
+        bench_c, bench_h = F.families(bench_m, "bench_c", "route")
+        -- the README example's two metrics
+        metric_requests, metric_latency = require("shmprom_bench.readme").setup(bench_m)
     }
     init_worker_by_lua_block {
         bench_m:init_worker()
@@ -275,14 +270,9 @@ if ($PEER) {
     init_worker_by_lua_block {
         local F = require "shmprom_bench.fill"
         peer_prom = require("prometheus").init("peer_e")
-        bench_c = peer_prom:counter("bench_c_requests_total", "Requests",
-                                    { "route", "status" })
-        bench_h = peer_prom:histogram("bench_c_duration_seconds", "Latency",
-                                      { "route" }, F.BUCKETS19)
-        metric_requests = peer_prom:counter("nginx_http_requests_total",
-            "Number of HTTP requests", {"host", "status"})
-        metric_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, F.BUCKETS19)
+        bench_c, bench_h = F.families(peer_prom, "bench_c", "route")
+        -- the README example's two metrics
+        metric_requests, metric_latency = require("shmprom_bench.readme").setup(peer_prom)
         require("shmprom_bench.stall").start("stall", 0.001)
     }
     server {

@@ -52,22 +52,13 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
         bench_m = shmprom.new{ zone = "bench_f", size = "512m" }
-        bench_c = bench_m:counter("bench_f_requests_total", "Requests",
-                                  { "path", "status" })
-        bench_h = bench_m:histogram("bench_f_duration_seconds", "Latency",
-                                    { "path" }, F.BUCKETS19)
+        bench_c, bench_h = F.families(bench_m, "bench_f", "path")
         bench_q = shmprom.new{ zone = "bench_f_plain", size = "512m", prefault = false }
-        bench_qc = bench_q:counter("bench_f_requests_total", "Requests",
-                                   { "path", "status" })
-        bench_qh = bench_q:histogram("bench_f_duration_seconds", "Latency",
-                                     { "path" }, F.BUCKETS19)
+        bench_qc, bench_qh = F.families(bench_q, "bench_f", "path")
         local t0 = F.mono_ns()
         bench_p = shmprom.new{ zone = "bench_f_pf", size = "512m", prefault = true }
         bench_pf_ms = (F.mono_ns() - t0) / 1e6
-        bench_pc = bench_p:counter("bench_f_requests_total", "Requests",
-                                   { "path", "status" })
-        bench_ph = bench_p:histogram("bench_f_duration_seconds", "Latency",
-                                     { "path" }, F.BUCKETS19)
+        bench_pc, bench_ph = F.families(bench_p, "bench_f", "path")
         by_path = {}
     }
     init_worker_by_lua_block {
@@ -250,10 +241,7 @@ if ($PEER) {
     init_worker_by_lua_block {
         local F = require "shmprom_bench.fill"
         peer_prom = require("prometheus").init("peer_f")
-        peer_c = peer_prom:counter("bench_f_requests_total", "Requests",
-                                   { "path", "status" })
-        peer_h = peer_prom:histogram("bench_f_duration_seconds", "Latency",
-                                     { "path" }, F.BUCKETS19)
+        peer_c, peer_h = F.families(peer_prom, "bench_f", "path")
         require("shmprom_bench.stall").start("stall", 0.001)
     }
     server {

@@ -52,6 +52,17 @@ _M.BUCKETS19 = {
     1.5, 2, 3, 4, 5, 10,
 }
 
+-- families(m, prefix, label) -> counter, histogram
+-- The two families benches (c) (e) (f) record,
+-- `PREFIX_requests_total{LABEL,status}` and `PREFIX_duration_seconds{LABEL}`
+-- with the peer's 19 buckets, defined in m: a shmprom zone or the peer's
+-- prometheus object (the same calls).
+function _M.families(m, prefix, label)
+    return m:counter(prefix .. "_requests_total", "Requests", { label, "status" }),
+           m:histogram(prefix .. "_duration_seconds", "Latency", { label },
+                       _M.BUCKETS19)
+end
+
 function _M.route(i)
     return format("r%06d", i)
 end
