@@ -18,11 +18,13 @@
 set -euo pipefail
 KIND=${1:-histogram}
 WORKERS=${WORKERS:-1}
-REPO=${2:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+# this checkout: its bench/lua gives the buckets
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO=${2:-$HERE}
 [[ -f $REPO/target/release/libshmprom.so ]] || { echo "full-zone: $REPO/target/release/libshmprom.so is missing (make build)" >&2; exit 1; }
 case $KIND in
     histogram) FILL=200000
-               DEF='F = M:histogram("fz_seconds", "Full zone check", { "id" }, { 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10 })'
+               DEF='F = M:histogram("fz_seconds", "Full zone check", { "id" }, require("shmprom_bench.fill").BUCKETS19)'
                REC='F:observe(0.01, { tostring(k) })' ;;
     counter)   FILL=600000
                DEF='F = M:counter("fz_total", "Full zone check", { "id" })'
@@ -45,7 +47,7 @@ events { worker_connections 64; }
 http {
     access_log off;
     client_body_temp_path $W/body;
-    lua_package_path "$REPO/lua/?.lua;;";
+    lua_package_path "$REPO/lua/?.lua;$HERE/bench/lua/?.lua;;";
     lua_package_cpath "$REPO/target/release/?.so;;";
     init_by_lua_block {
         local shmprom = require "resty.shmprom"

@@ -8,8 +8,7 @@ local _M = {}
 
 -- nginx-lua-prometheus's default buckets (19; each library adds +Inf):
 -- the same metric set for shmprom and the peer
-_M.BUCKETS = { 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4,
-               0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10 }
+_M.BUCKETS = require("shmprom_bench.fill").BUCKETS19
 
 -- where log_vars keeps what it read, so that the compiler cannot drop the
 -- reads
