@@ -281,6 +281,15 @@ mod tests {
             .sum()
     }
 
+    /// Live series of family `id`.
+    fn series(z: &Zone, id: u32) -> u64 {
+        registry::family(z, id)
+            .expect("family")
+            .rec
+            .series
+            .load(Ordering::Relaxed)
+    }
+
     fn errors(z: &Zone, k: usize) -> u64 {
         z.header().errors[k].load(Ordering::Relaxed)
     }
@@ -334,14 +343,7 @@ mod tests {
         r.record(h, -3.0, &[]).expect("observe");
         assert_eq!(value(&z, h, &[], 0), 1.0);
         // nothing else was made
-        assert_eq!(
-            registry::family(&z, c)
-                .expect("c")
-                .rec
-                .series
-                .load(Ordering::Relaxed),
-            0
-        );
+        assert_eq!(series(&z, c), 0);
     }
 
     #[test]
@@ -355,11 +357,7 @@ mod tests {
         assert_ne!(old, new);
         assert_eq!(r.record(old, 1.0, &[b"x"]), Err(RecordError::Retired));
         assert_eq!(
-            registry::family(&z, old)
-                .expect("old")
-                .rec
-                .series
-                .load(Ordering::Relaxed),
+            series(&z, old),
             0,
             "no series made again in the retired family"
         );
