@@ -74,14 +74,9 @@ for my $cfg (@CONFIGS) {
         }
         location = /fillh {
             content_by_lua_block {
+                local F = require "shmprom_bench.fill"
                 local J = require "shmprom_bench.json"
-                local n = tonumber(ngx.var.arg_n)
-                local failed = 0
-                for i = 1, n do
-                    local ok = bench_h:observe(0.01, { string.format("%x", i) })
-                    if not ok then failed = failed + 1 end
-                end
-                ngx.say(J.encode({ failed = failed }))
+                ngx.say(J.encode(F.fill_hist(bench_h, 1, tonumber(ngx.var.arg_n))))
             }
         }
         location = /metrics { content_by_lua_block { bench_m:collect() } }
@@ -172,17 +167,14 @@ if ($PEER) {
         listen 127.0.0.1:$port;
         location = /fill {
             content_by_lua_block {
+                local F = require "shmprom_bench.fill"
                 local J = require "shmprom_bench.json"
                 local d = ngx.shared.peer_d
                 local from, to = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_to)
-                local h = ngx.var.arg_h == "1"
-                for i = from, to do
-                    if h then
-                        bench_h:observe(0.01, { string.format("%x", i) })
-                    else
-                        bench_c:inc(1, { string.format("%x", i % 4096),
-                                         string.format("%x", math.floor(i / 4096)) })
-                    end
+                if ngx.var.arg_h == "1" then
+                    F.fill_hist(bench_h, from, to)
+                else
+                    F.fill_short(bench_c, from, to)
                 end
                 peer_prom:metric_data()
                 ngx.say(J.encode({ free = d:free_space(), capacity = d:capacity(),
@@ -202,7 +194,7 @@ EOC
     die "(d) peer: its error metric reads $f2->{errors}\n" if $f2->{errors};
     %peer = (counter => ($f0->{free} - $f1->{free}) / $N, histogram => ($f1->{free} - $f2->{free}) / $NH,
              capacity => $f0->{capacity});
-    logmsg sprintf('(d) peer: %.1f B per counter series, %.0f B per histogram series',
+    logmsg sprintf('(d) peer: %.1f B per counter series, %.0f B per histogram label set',
                    $peer{counter}, $peer{histogram});
     $summary{'peer counter'} = $peer{counter};
     $summary{'peer histogram'} = $peer{histogram};

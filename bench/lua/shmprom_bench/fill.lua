@@ -98,16 +98,32 @@ end
 -- fill_short(counter, from, to): counters with 2 short label values
 -- (hex of i split in two, up to 3 characters each); stops at the first
 -- refusal. -> { created =, refused_at =, err = }
+-- The peer's calls return nothing (its refusals go to its error metric):
+-- only an error return counts as refused.
 function _M.fill_short(c, from, to)
     for i = from, to do
         local a = format("%x", i % 4096)
         local b = format("%x", math.floor(i / 4096))
-        local ok, err = c:inc(1, { a, b })
-        if not ok then
+        local _, err = c:inc(1, { a, b })
+        if err then
             return { created = i - from, refused_at = i, err = err }
         end
     end
     return { created = to - from + 1 }
+end
+
+-- fill_hist(histogram, from, to): label sets of 1 value (hex of i), one
+-- observation of 0.01 each -> { failed = } (as fill_short, only an error
+-- return counts)
+function _M.fill_hist(h, from, to)
+    local failed = 0
+    for i = from, to do
+        local _, err = h:observe(0.01, { format("%x", i) })
+        if err then
+            failed = failed + 1
+        end
+    end
+    return { failed = failed }
 end
 
 -- render_times(zone, reps) -> { render_ms = {...}, metric_data_ms = {...},
