@@ -745,13 +745,17 @@ impl CellStore for Zone {
     }
 }
 
-/// CLOCK_MONOTONIC in whole seconds (one clock for every process).
+/// The monotonic clock in whole seconds (one clock for every process),
+/// read through CLOCK_MONOTONIC_COARSE: the kernel's last tick, a few
+/// milliseconds behind CLOCK_MONOTONIC at most, and read from memory
+/// instead of the TSC (5 ns against 21 ns here, once per new label set).
+/// Every stamp these seconds are compared with comes from this function.
 pub fn now_secs() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u32
 }
