@@ -23,6 +23,11 @@
 #          label sets first and then only these batches, so the pair
 #          measures prefault alone (the batch row's zone also takes the
 #          traffic's label sets, and its workers' label caches differ)
+#   batch-bare
+#          the same loop with no metrics library: each label set's string
+#          and table built the same way, the string put into a per-worker
+#          Lua table (as a label cache does); not judged, the floor under
+#          any Lua library's batch on this machine
 # With PEER_LUA_PATH, a second nginx runs the peer (nginx-lua-prometheus)
 # with the same metrics, recorded the peer's way (no handles: the label
 # values as a table per call), through old, new and batch.
@@ -41,7 +46,10 @@ my $STALL_LOCATIONS = stall_locations();
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
-my @MODES = qw(old new batch batch-plain batch-prefault);
+my @MODES = qw(old new batch batch-plain batch-prefault batch-bare);
+# a family's label cache is emptied at this many entries (MAX_CACHE in
+# lua/resty/shmprom.lua): batch-bare's table is too
+my $MAX_CACHE = 65536;
 my $NEW = 10_000;
 my $TARGET = 10;    # ms
 
@@ -60,6 +68,7 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
         bench_pf_ms = (F.mono_ns() - t0) / 1e6
         bench_pc, bench_ph = F.families(bench_p, "bench_f", "path")
         by_path = {}
+        bare, nbare = {}, 0
     }
     init_worker_by_lua_block {
         bench_m:init_worker()
@@ -98,9 +107,22 @@ $STALL_LOCATIONS
                           or bench_h
                 local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
                 local failed = 0
-                for i = base, base + n - 1 do
-                    local ok = h:observe(0.01, { "/b/" .. i })
-                    if not ok then failed = failed + 1 end
+                if ngx.var.arg_zone == "bare" then
+                    local t = bare
+                    for i = base, base + n - 1 do
+                        local lv = { "/b/" .. i }
+                        if nbare >= $MAX_CACHE then
+                            t = {}
+                            bare, nbare = t, 0
+                        end
+                        t[lv[1]] = i
+                        nbare = nbare + 1
+                    end
+                else
+                    for i = base, base + n - 1 do
+                        local ok = h:observe(0.01, { "/b/" .. i })
+                        if not ok then failed = failed + 1 end
+                    end
                 end
                 local ms = (F.mono_ns() - t0) / 1e6
                 local cpu_ms = (F.cpu_ns() - c0) / 1e6
@@ -211,7 +233,8 @@ sub run_rounds {
     return \%runs;
 }
 my %runs = %{ run_rounds('shmprom', $port, $cport,
-                         sub { { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain' }->{ $_[0] } // '' },
+                         sub { { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain',
+                                 'batch-bare' => '&zone=bare' }->{ $_[0] } // '' },
                          @MODES) };
 # every new label set went in
 my (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/metrics", 60);
@@ -316,7 +339,7 @@ sub row {
     my $wall_med = median(map { $_->{wall_max} } @rs);
     my (undef, $wall_worst) = minmax(map { $_->{wall_max} } @rs);
     my $target = '';
-    if ($judge && $mode ne 'old') {
+    if ($judge && $mode ne 'old' && $mode ne 'batch-bare') {
         $target = "<= $TARGET ms (median of runs): " . ($busy_med <= $TARGET ? 'met'
             : sprintf('MISSED by %.1f ms', $busy_med - $TARGET));
     }
@@ -344,7 +367,7 @@ for my $mode (@MODES) {
     my @rs = @{ $runs{$mode} };
     my ($row, $busy_med, $busy_worst, $wall_worst) = row(\%runs, $mode, 1);
     push @rows, $row;
-    if ($mode ne 'old' && $mode ne 'batch-plain') {
+    if ($mode ne 'old' && $mode ne 'batch-plain' && $mode ne 'batch-bare') {
         my @base = map { $_->{cpu_max} } @{ $runs{old} };
         my (undef, $base_worst) = minmax(@base);
         add_target("f-$mode", $mode eq 'new'
@@ -394,7 +417,11 @@ $md .= "One nginx, 2 workers, zone 512m (and two more for the prefault compariso
      . "batch-plain and batch-prefault: the same, the loop writing to one of two more 512m zones of "
      . "the same nginx that differ only in `prefault` (false / true), both given the same 10k old label "
      . "sets first and then only these batches: the pair isolates prefault (the batch row's zone also "
-     . "takes the traffic's label sets, and the workers' label caches of its family differ). The "
+     . "takes the traffic's label sets, and the workers' label caches of its family differ); "
+     . "batch-bare: the same loop with no metrics library, not judged (each iteration builds the "
+     . "same `{ \"/b/\" .. i }` and puts its string into a per-worker Lua table, emptied at "
+     . fmt_num($MAX_CACHE) . " entries as a family's label cache is): the part of a batch that is "
+     . "the caller's own string and table work and LuaJIT's. The "
      . "batch column counts the page faults the loop's thread took (getrusage RUSAGE_THREAD, minor "
      . "+ major). "
      . "$ROUNDS rounds, modes rotated, ${SECS}s each; ratios against the old run of the same "
@@ -411,6 +438,13 @@ $md .= sprintf("\nbatch-prefault against batch-plain, round by round: longest bu
                $summary{'batch-prefault busy_median'}, $summary{'batch-plain busy_median'}, median(@pf_ratio),
                join(' ', map { sprintf '%.2f', $_ } @pf_ratio), median(@pf_loop_ratio), $pf->{how},
                $pf->{master_ms}, join(' and ', map { sprintf '%.0f', $_ // -1 } @{ $pf->{map_ms} }));
+$md .= sprintf("\nbatch-bare, the loop with no metrics library: longest busy stall %.1f ms (loop %.1f ms CPU), "
+               . "against %.1f ms (loop %.1f ms CPU) for the batch row: of each new label set's %.2f us of "
+               . "CPU in the batch, %.2f us are the caller's string and table and LuaJIT's work on them.\n",
+               $summary{'batch-bare busy_median'}, median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-bare'} }),
+               $summary{'batch busy_median'}, median(map { $_->{batch_cpu_ms} } @{ $runs{batch} }),
+               1000 * median(map { $_->{batch_cpu_ms} } @{ $runs{batch} }) / $NEW,
+               1000 * median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-bare'} }) / $NEW);
 $md .= "\nAfter the runs the first zone holds " . fmt_num($series_c // 0) . " counter and "
      . fmt_num($series_h // 0) . " histogram label sets, the plain and prefault zones "
      . fmt_num($series2{plain} // 0) . " and " . fmt_num($series2{pf} // 0)
