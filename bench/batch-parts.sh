@@ -11,8 +11,9 @@
 # buckets. A content_by_lua handler times one loop
 # of 10k new label sets by the worker's thread CPU clock, the loop one of:
 #   bare         the caller's part: `local lv = { "/b/" .. i }` and the
-#                string put into a Lua table (emptied at 65,536 entries, as
-#                a family's label cache is); no metrics library
+#                string put into a Lua table (emptied at the size a
+#                family's label cache is; fill.lua's bare_batch, the
+#                baseline bench (f) runs as batch-bare); no metrics library
 #   table-SIZE   bare, plus shmprom_series_get through FFI for the label
 #                set (what the wrapper's miss path calls): the shared
 #                table's insert, key record and cell reservation, without
@@ -31,24 +32,10 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO=${1:-$HERE}
 LIB=$REPO/target/release/libshmprom.so
 [[ -f $LIB ]] || { echo "batch-parts: $LIB is missing (make build)" >&2; exit 1; }
-W=$(mktemp -d /tmp/shmprom-batchparts.XXXXXX)
-PORT=$(perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen=>1,LocalAddr=>"127.0.0.1",LocalPort=>0)->sockport')
-mkdir -p "$W/logs"
-user=
-[[ $(id -u) == 0 ]] && user='user root root;'
-cat >"$W/nginx.conf" <<EOC
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-$user
-worker_processes 1;
-pid $W/nginx.pid;
-error_log $W/logs/error.log crit;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path $W/body;
-    lua_package_path "$REPO/lua/?.lua;$HERE/bench/lua/?.lua;;";
-    lua_package_cpath "$REPO/target/release/?.so;;";
+# shellcheck source=lib/scratch-nginx.sh
+. "$HERE/bench/lib/scratch-nginx.sh"
+sn_init batch-parts
+{ sn_head 1 "$REPO" "$HERE"; cat <<EOC
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
@@ -74,9 +61,6 @@ http {
                 local v, size = ngx.var.arg_v, ngx.var.arg_size
                 local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
                 local z = H[v .. ":" .. size] or H["table:128m"]
-                CACHE = CACHE or {}
-                NCACHE = NCACHE or 0
-                local t = CACHE
                 local vals = ffi.new("const char*[1]")
                 local lens = ffi.new("size_t[1]")
                 local errbuf = ffi.new("char[256]")
@@ -86,16 +70,9 @@ http {
                 local failed = 0
                 local c0, f0 = F.cpu_ns(), F.thread_faults()
                 if v == "bare" then
-                    for i = base, base + n - 1 do
-                        local lv = { "/b/" .. i }
-                        if NCACHE >= 65536 then
-                            t = {}
-                            CACHE, NCACHE = t, 0
-                        end
-                        t[lv[1]] = i
-                        NCACHE = NCACHE + 1
-                    end
+                    F.bare_batch(base, n)
                 elseif v == "table" then
+                    local keep = F.keep
                     for i = base, base + n - 1 do
                         local lv = { "/b/" .. i }
                         local s = lv[1]
@@ -103,12 +80,7 @@ http {
                         lens[0] = #s
                         local r = C.shmprom_series_get(zp, id, 1, vals, lens, errbuf, 256)
                         if r < 0 then failed = failed + 1 end
-                        if NCACHE >= 65536 then
-                            t = {}
-                            CACHE, NCACHE = t, 0
-                        end
-                        t[s] = tonumber(r)
-                        NCACHE = NCACHE + 1
+                        keep(s, tonumber(r))
                     end
                 else
                     local h = z.h
@@ -123,15 +95,8 @@ http {
     }
 }
 EOC
-nginx -p "$W/" -c "$W/nginx.conf"
-stop() { [[ -f $W/nginx.pid ]] && kill "$(cat "$W/nginx.pid")"; rm -rf "$W"; }
-trap stop EXIT
-up=
-for _ in $(seq 1 100); do
-    if curl -s -o /dev/null "http://127.0.0.1:$PORT/run?v=bare&size=128m&base=0&n=0"; then up=1; break; fi
-    sleep 0.1
-done
-[[ -n $up ]] || { echo "batch-parts: nginx did not answer" >&2; cat "$W/logs/error.log" >&2; exit 1; }
+} >"$W/nginx.conf"
+sn_start batch-parts "http://127.0.0.1:$PORT/run?v=bare&size=128m&base=0&n=0"
 VARIANTS=(bare table:512m observe:512m table:128m observe:128m)
 echo "batch-parts: $ROUNDS rounds of 10k new label sets, 1 worker, $REPO (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
 declare -A CPU FAULTS

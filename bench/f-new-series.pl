@@ -47,9 +47,6 @@ my $STALL_LOCATIONS = stall_locations();
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
 my @MODES = qw(old new batch batch-plain batch-prefault batch-bare);
-# a family's label cache is emptied at this many entries (MAX_CACHE in
-# lua/resty/shmprom.lua): batch-bare's table is too
-my $MAX_CACHE = 65536;
 my $NEW = 10_000;
 my $TARGET = 10;    # ms
 
@@ -68,7 +65,6 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
         bench_pf_ms = (F.mono_ns() - t0) / 1e6
         bench_pc, bench_ph = F.families(bench_p, "bench_f", "path")
         by_path = {}
-        bare, nbare = {}, 0
     }
     init_worker_by_lua_block {
         bench_m:init_worker()
@@ -108,16 +104,7 @@ $STALL_LOCATIONS
                 local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
                 local failed = 0
                 if ngx.var.arg_zone == "bare" then
-                    local t = bare
-                    for i = base, base + n - 1 do
-                        local lv = { "/b/" .. i }
-                        if nbare >= $MAX_CACHE then
-                            t = {}
-                            bare, nbare = t, 0
-                        end
-                        t[lv[1]] = i
-                        nbare = nbare + 1
-                    end
+                    F.bare_batch(base, n)
                 else
                     for i = base, base + n - 1 do
                         local ok = h:observe(0.01, { "/b/" .. i })
@@ -419,8 +406,9 @@ $md .= "One nginx, 2 workers, zone 512m (and two more for the prefault compariso
      . "sets first and then only these batches: the pair isolates prefault (the batch row's zone also "
      . "takes the traffic's label sets, and the workers' label caches of its family differ); "
      . "batch-bare: the same loop with no metrics library, not judged (each iteration builds the "
-     . "same `{ \"/b/\" .. i }` and puts its string into a per-worker Lua table, emptied at "
-     . fmt_num($MAX_CACHE) . " entries as a family's label cache is): the part of a batch that is "
+     . "same `{ \"/b/\" .. i }` and puts its string into a per-worker Lua table, emptied at the "
+     . "size a family's label cache is emptied at; bench/lua/shmprom_bench/fill.lua bare_batch): "
+     . "the part of a batch that is "
      . "the caller's own string and table work and LuaJIT's. The "
      . "batch column counts the page faults the loop's thread took (getrusage RUSAGE_THREAD, minor "
      . "+ major). "

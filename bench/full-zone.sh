@@ -31,24 +31,10 @@ case $KIND in
                REC='F:inc(1, { tostring(k) })' ;;
     *) echo "full-zone: KIND is histogram or counter" >&2; exit 1 ;;
 esac
-W=$(mktemp -d /tmp/shmprom-fullzone.XXXXXX)
-PORT=$(perl -MIO::Socket::INET -e 'print IO::Socket::INET->new(Listen=>1,LocalAddr=>"127.0.0.1",LocalPort=>0)->sockport')
-mkdir -p "$W/logs"
-user=
-[[ $(id -u) == 0 ]] && user='user root root;'
-cat >"$W/nginx.conf" <<EOC
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-$user
-worker_processes $WORKERS;
-pid $W/nginx.pid;
-error_log $W/logs/error.log crit;
-events { worker_connections 64; }
-http {
-    access_log off;
-    client_body_temp_path $W/body;
-    lua_package_path "$REPO/lua/?.lua;$HERE/bench/lua/?.lua;;";
-    lua_package_cpath "$REPO/target/release/?.so;;";
+# shellcheck source=lib/scratch-nginx.sh
+. "$HERE/bench/lib/scratch-nginx.sh"
+sn_init full-zone
+{ sn_head $WORKERS "$REPO" "$HERE"; cat <<EOC
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         M = shmprom.new{ zone = "fz", size = "32m" }
@@ -74,15 +60,8 @@ http {
     }
 }
 EOC
-nginx -p "$W/" -c "$W/nginx.conf"
-stop() { [[ -f $W/nginx.pid ]] && kill "$(cat "$W/nginx.pid")"; rm -rf "$W"; }
-trap stop EXIT
-up=
-for _ in $(seq 1 100); do
-    if curl -s -o /dev/null "http://127.0.0.1:$PORT/fill?from=0&n=0"; then up=1; break; fi
-    sleep 0.1
-done
-[[ -n $up ]] || { echo "full-zone: nginx did not answer" >&2; cat "$W/logs/error.log" >&2; exit 1; }
+} >"$W/nginx.conf"
+sn_start full-zone "http://127.0.0.1:$PORT/fill?from=0&n=0"
 echo "$KIND, $WORKERS worker(s), $REPO (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo "fill, $FILL tries: $(curl -s "http://127.0.0.1:$PORT/fill?from=0&n=$FILL")"
 for r in 1 2 3; do

@@ -182,4 +182,28 @@ function _M.peer_render_times(prom, reps)
     return { metric_data_ms = md, bytes = bytes, lines = lines }
 end
 
+-- A stand-in for a family's label cache, for the baselines that run (f)'s
+-- batch loop without the wrapper: keep(s, v) puts s into a per-worker Lua
+-- table, emptied when it reaches the size a label cache is emptied at
+-- (MAX_CACHE in lua/resty/shmprom.lua).
+local KEEP_MAX = 65536
+local kept, nkept = {}, 0
+function _M.keep(s, v)
+    if nkept >= KEEP_MAX then
+        kept, nkept = {}, 0
+    end
+    kept[s] = v
+    nkept = nkept + 1
+end
+
+-- bare_batch(base, n): (f)'s batch loop with no metrics library: each
+-- label set's values built as the batch builds them, the string kept.
+function _M.bare_batch(base, n)
+    local keep = _M.keep
+    for i = base, base + n - 1 do
+        local lv = { "/b/" .. i }
+        keep(lv[1], i)
+    end
+end
+
 return _M
