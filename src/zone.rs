@@ -748,8 +748,8 @@ impl CellStore for Zone {
 /// The monotonic clock in whole seconds (one clock for every process),
 /// read through CLOCK_MONOTONIC_COARSE: the kernel's last tick, a few
 /// milliseconds behind CLOCK_MONOTONIC at most, and read from memory
-/// instead of the TSC (5 ns against 21 ns here, once per new label set).
-/// Every stamp these seconds are compared with comes from this function.
+/// instead of the TSC (a new label set reads it once). Every stamp these
+/// seconds are compared with comes from this function.
 pub fn now_secs() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
