@@ -128,6 +128,14 @@ fn align_up(x: u64, a: u64) -> u64 {
     (x + a - 1) & !(a - 1)
 }
 
+/// The cells per series a zone's shares are sized for unless told
+/// otherwise: counters and gauges (one cell) with some histograms.
+pub const DEFAULT_CELLS_PER_SERIES: f64 = 1.25;
+
+/// The most cells per series a zone's shares can be sized for (a histogram
+/// of the most buckets takes [`crate::registry::MAX_BUCKETS`] + 2).
+pub const MAX_CELLS_PER_SERIES: f64 = 1024.0;
+
 /// Where each region goes for a zone of `size` bytes and `planes` planes.
 pub struct Layout {
     pub families_off: u64,
@@ -146,6 +154,20 @@ impl Layout {
     /// the rest shared out so that a typical series (short labels, a counter)
     /// fills slots, keys and cells at about the same rate.
     pub fn compute(size: u64, planes: u32) -> Result<Layout, String> {
+        Self::compute_for(size, planes, DEFAULT_CELLS_PER_SERIES)
+    }
+
+    /// [`compute`](Self::compute) for series of `cells` cells on average
+    /// (1 for counters and gauges, buckets + 2 for a histogram's label
+    /// set): the slots and key blocks get the share such series leave
+    /// them, so a zone of histograms runs out of its regions together
+    /// instead of its cells long before its table.
+    pub fn compute_for(size: u64, planes: u32, cells: f64) -> Result<Layout, String> {
+        if !(1.0..=MAX_CELLS_PER_SERIES).contains(&cells) {
+            return Err(format!(
+                "cells per series must be 1..{MAX_CELLS_PER_SERIES}, got {cells}"
+            ));
+        }
         if size < MIN_SIZE {
             return Err(format!("zone size {size} is below the minimum {MIN_SIZE}"));
         }
@@ -166,8 +188,9 @@ impl Layout {
         // Per series budget: 16 B / (15/16) of slot, ~1.25 key blocks of
         // 24 B (short label values fit one; the pool is shared by all
         // series, so longer keys borrow from shorter ones), 8 B x planes x
-        // ~1.25 cells (histograms need more).
-        let per_series = 17 + 30 + 10 * planes as u64;
+        // `cells` (by default ~1.25: histograms need more).
+        let cell_bytes = (8.0 * cells * planes as f64).round() as u64;
+        let per_series = 17 + 30 + cell_bytes;
         // The slots' share in whole slots, any count (the table needs no
         // power of two), rounded down to a multiple of 16 so that 15/16 of
         // it (the slot limit) is exact: one usable slot per series
@@ -181,7 +204,7 @@ impl Layout {
         let slots_cap = (rest * 17 / per_series / 16) & !15;
         let keys_off = align_up(slots_off + slots_cap * 16, 64);
         let after_slots = size - keys_off;
-        let keys_cap = (after_slots * 30 / (30 + 10 * planes as u64)).min(u32::MAX as u64);
+        let keys_cap = (after_slots * 30 / (30 + cell_bytes)).min(u32::MAX as u64);
         let cells_off = align_up(keys_off + keys_cap, 64);
         let cells_cap = (size - cells_off) / (8 * planes as u64);
         if cells_cap < 16 || slots_cap < 16 {
@@ -216,29 +239,53 @@ impl Zone {
         planes: u32,
         path: Option<&str>,
     ) -> Result<(Zone, bool), OpenError> {
+        Self::open_for(name, size, planes, DEFAULT_CELLS_PER_SERIES, path)
+    }
+
+    /// [`open`](Self::open) with the regions shared for series of `cells`
+    /// cells on average ([`Layout::compute_for`]). The flag also says when
+    /// the zone existed with regions shared for another `cells`; a zone
+    /// file made so is refused.
+    pub fn open_for(
+        name: &str,
+        size: u64,
+        planes: u32,
+        cells: f64,
+        path: Option<&str>,
+    ) -> Result<(Zone, bool), OpenError> {
         if name.is_empty() || name.len() > 255 {
             return Err(OpenError::Invalid("zone name must be 1..255 bytes".into()));
         }
         let mut zones = ZONES.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(o) = zones.iter().find(|o| o.name == name) {
             let h = o.zone.header();
-            let differs = h.size != size || h.planes != planes;
+            let differs = h.size != size
+                || h.planes != planes
+                || Layout::compute_for(size, planes, cells).map_or(true, |l| {
+                    l.slots_cap != h.slots_cap || l.keys_cap != h.keys_cap
+                });
             return Ok((o.zone, differs));
         }
-        let layout = Layout::compute(size, planes).map_err(OpenError::Invalid)?;
+        let layout = Layout::compute_for(size, planes, cells).map_err(OpenError::Invalid)?;
         let zone = match path {
             None => Self::map_anon(size)?,
             Some(p) => Self::map_file(p, size)?,
         };
         let h = zone.header();
         if h.magic == MAGIC {
-            if h.layout_version != LAYOUT_VERSION || h.size != size || h.planes != planes {
+            if h.layout_version != LAYOUT_VERSION
+                || h.size != size
+                || h.planes != planes
+                || h.slots_cap != layout.slots_cap
+                || h.keys_cap != layout.keys_cap
+            {
                 return Err(OpenError::Invalid(format!(
-                    "zone file {} was made with another layout (version {}, size {}, planes {}); remove it or use the same settings",
+                    "zone file {} was made with another layout (version {}, size {}, planes {}, {} slots); remove it or use the same settings",
                     path.unwrap_or("?"),
                     h.layout_version,
                     h.size,
-                    h.planes
+                    h.planes,
+                    h.slots_cap
                 )));
             }
         } else {

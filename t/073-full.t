@@ -36,11 +36,14 @@ my $n = ShmpromTest->new(
         m_hist   = metrics:histogram("t_keep_seconds", "Histogram made before the zone fills.", {"k"}, {0.1, 1})
         m_served = metrics:counter("t_served_total", "Requests to /keep.")
         hmetrics = shmprom.new{ zone = "t073h", size = "256k" }
-        m_wide   = hmetrics:histogram("t_wide_seconds", "19 buckets: 21 cells a label set.", {"id"},
-                                      {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4,
-                                       0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10})
+        local b19 = {0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4,
+                     0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 10}
+        m_wide   = hmetrics:histogram("t_wide_seconds", "19 buckets: 21 cells a label set.", {"id"}, b19)
+        -- the same size shared for label sets of 21 cells
+        smetrics = shmprom.new{ zone = "t073s", size = "256k", cells_per_series = 21 }
+        m_wide_s = smetrics:histogram("t_wide_seconds", "19 buckets: 21 cells a label set.", {"id"}, b19)
 LUA
-    init_worker => '        metrics:init_worker(); hmetrics:init_worker()',
+    init_worker => '        metrics:init_worker(); hmetrics:init_worker(); smetrics:init_worker()',
     server      => <<'NGX',
         # new series ids from..to in t_fill_total: answers "ok failed", the
         # first error in X-Err
@@ -79,19 +82,24 @@ LUA
         location = /metrics {
             content_by_lua_block { metrics:collect() }
         }
-        # histogram label sets ids from..to in the second zone: "ok failed"
+        # histogram label sets ids from..to in the second zone (?z=s: the
+        # third): "ok failed"
         location = /hfill {
             content_by_lua_block {
                 local a, b = tonumber(ngx.var.arg_from), tonumber(ngx.var.arg_to)
+                local h = ngx.var.arg_z == "s" and m_wide_s or m_wide
                 local good, bad = 0, 0
                 for i = a, b do
-                    if m_wide:observe(0.01, { "h" .. i }) then good = good + 1 else bad = bad + 1 end
+                    if h:observe(0.01, { "h" .. i }) then good = good + 1 else bad = bad + 1 end
                 end
                 ngx.say(good, " ", bad)
             }
         }
         location = /hmetrics {
             content_by_lua_block { hmetrics:collect() }
+        }
+        location = /smetrics {
+            content_by_lua_block { smetrics:collect() }
         }
 NGX
 );
@@ -229,6 +237,25 @@ cmp_ok($hfill{cells}, '>', 0.95, "cells ran out: shmprom_zone_fill_ratio{region=
 cmp_ok($hfill{slots}, '<', 0.5, "the slots did not: shmprom_zone_fill_ratio{region=\"slots\"} = $hfill{slots}");
 is(metric_value($hp, 'shmprom_series_dropped_total', family => 't_wide_seconds'), $hbad,
    'the refused histogram label sets are counted');
+
+# the same size opened with cells_per_series = 21: the table and the cells
+# run out together, and it holds more than twice as many label sets
+my ($sgood, $sbad) = (0, 0);
+for my $i (0 .. 99) {
+    my $r = $n->get('/hfill?z=s&from=' . (100 * $i) . '&to=' . (100 * $i + 99));
+    my ($g, $b) = $r->{body} =~ /^(\d+) (\d+)/ or last;
+    $sgood += $g;
+    $sbad += $b;
+    last if $b > 0;
+}
+cmp_ok($sbad, '>', 0, "the zone with cells_per_series = 21 filled up: $sgood label sets, then refusals");
+cmp_ok($sgood, '>', 2 * $hgood, "it holds more than twice as many as the default shares ($hgood)");
+my $sp = eval { parse_metrics($n->get('/smetrics')->{body}) } || { list => [], samples => {}, type => {} };
+my %sfill = map { $_ => metric_value($sp, 'shmprom_zone_fill_ratio', region => $_) // -1 } qw(slots keys cells);
+cmp_ok($sfill{slots}, '>', 0.9, "its slots ran out too: shmprom_zone_fill_ratio{region=\"slots\"} = $sfill{slots}");
+cmp_ok($sfill{cells}, '>', 0.9, "and its cells: shmprom_zone_fill_ratio{region=\"cells\"} = $sfill{cells}");
+is(metric_value($sp, 'shmprom_series_dropped_total', family => 't_wide_seconds'), $sbad,
+   'its refused label sets are counted');
 
 # the log: refusals logged at a bounded rate
 my @lines = grep { /zone full/ } split /\n/, $n->error_log(since => $mark);

@@ -107,3 +107,80 @@ fn short_counters_fill_the_table() {
         }
     }
 }
+
+/// Fills zone `z` with 19-bucket histogram label sets of one short label
+/// value (21 cells each) until one is refused; returns how many went in
+/// and the fill ratio of each region then.
+fn fill_histograms(z: &Zone) -> (u64, [(&'static str, f64); 3]) {
+    let id = registry::define(
+        z,
+        &Def {
+            name: "fill_seconds",
+            help: b"Filler label sets.",
+            kind: Kind::Histogram,
+            mode: 0,
+            labels: vec!["a"],
+            buckets: (1..=19).map(|i| i as f64 / 100.0).collect(),
+        },
+    )
+    .unwrap();
+    let mut filled = 0u64;
+    loop {
+        let a = format!("r{filled:06}");
+        match registry::series_get(z, id, &[a.as_bytes()]) {
+            Ok(_) => filled += 1,
+            Err(SeriesError::Table(TableError::Full)) => break,
+            Err(e) => panic!("label set {filled}: {e:?}"),
+        }
+    }
+    (filled, z.fill_ratios())
+}
+
+#[test]
+fn a_zone_shared_for_histograms_holds_more_of_them() {
+    let size = 8u64 << 20;
+    let (d, _) = Zone::open("hist-default", size, 3, None).unwrap();
+    let (n_default, r_default) = fill_histograms(&d);
+    let (h, _) = Zone::open_for("hist-21", size, 3, 21.0, None).unwrap();
+    let (n_21, r_21) = fill_histograms(&h);
+    println!("default: {n_default} label sets, {r_default:?}");
+    println!("cells_per_series 21: {n_21} label sets, {r_21:?}");
+    // the default shares run out of cells with the table mostly empty
+    assert!(r_default[0].1 < 0.2, "default slots {:?}", r_default[0]);
+    assert!(r_default[2].1 > 0.99, "default cells {:?}", r_default[2]);
+    // sized for 21 cells a series: the table and the cells run out
+    // together, and the zone holds more than twice as many
+    assert!(r_21[0].1 > 0.9 && r_21[2].1 > 0.9, "{r_21:?}");
+    assert!(n_21 > 2 * n_default, "{n_21} against {n_default}");
+    assert!(shmprom::check::check(&h).is_ok());
+    // the same name again with another share: kept as it was, and said so
+    let (_, differs) = Zone::open_for("hist-21", size, 3, 1.25, None).unwrap();
+    assert!(differs);
+    let (_, differs) = Zone::open_for("hist-21", size, 3, 21.0, None).unwrap();
+    assert!(!differs);
+    // out of range
+    for bad in [0.5, 0.0, -1.0, 2000.0, f64::NAN] {
+        match Zone::open_for("hist-bad", size, 3, bad, None) {
+            Err(OpenError::Invalid(e)) => assert!(e.contains("cells per series"), "{e}"),
+            Err(e) => panic!("{bad}: {e:?}"),
+            Ok(_) => panic!("{bad}: opened"),
+        }
+    }
+}
+
+#[test]
+fn a_zone_file_made_for_another_share_is_refused() {
+    let dir = std::env::temp_dir().join(format!("shmprom-layout-cells-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("zone");
+    let p = path.to_str().unwrap();
+    Zone::open_for("layout-cells-a", 1 << 20, 3, 21.0, Some(p)).unwrap();
+    assert!(Zone::open_for("layout-cells-b", 1 << 20, 3, 21.0, Some(p)).is_ok());
+    let r = Zone::open("layout-cells-c", 1 << 20, 3, Some(p));
+    std::fs::remove_dir_all(&dir).unwrap();
+    match r {
+        Err(OpenError::Invalid(e)) => assert!(e.contains("another layout"), "{e}"),
+        Err(e) => panic!("{e:?}"),
+        Ok(_) => panic!("a zone file made for 21 cells a series opened with the default"),
+    }
+}

@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 6,
+    ABI = 7,
 }
 
 local FFI_OK = 0
@@ -273,7 +273,7 @@ local function attach_module(z)
 end
 
 --- shmprom.new{ zone = "name", size = "32m", planes = n, path = nil,
----              lib = nil, prefault = "table" }
+---              lib = nil, prefault = "table", cells_per_series = nil }
 -- Opens (creating it on first use) a shared zone. Call it from
 -- init_by_lua* so every worker inherits it.
 function _M.new(opts)
@@ -302,6 +302,15 @@ function _M.new(opts)
     end
     if opts.path ~= nil and type(opts.path) ~= "string" then
         error("shmprom.new: 'path' must be a string", 2)
+    end
+    -- the average cells of the zone's series (1 a counter or gauge,
+    -- buckets + 2 a histogram's label set): how the zone is shared among
+    -- table, key blocks and cells; nil: the library's default (1.25)
+    local cps = opts.cells_per_series
+    if cps ~= nil and (type(cps) ~= "number" or not (cps >= 1 and cps <= 1024))
+    then
+        error("shmprom.new: 'cells_per_series' must be a number from 1 to "
+              .. "1024", 2)
     end
     -- true: the whole zone; "table" (the default): the series table's
     -- slots, where new series land at random; false: nothing
@@ -344,8 +353,8 @@ function _M.new(opts)
         return existing
     end
     local out = ffi_new("shmprom_zone*[1]")
-    local rc = C.shmprom_zone_open(name, #name, size, planes + 1, opts.path,
-                                   out, errbuf, ERRLEN)
+    local rc = C.shmprom_zone_open(name, #name, size, planes + 1, cps or 0,
+                                   opts.path, out, errbuf, ERRLEN)
     if rc < 0 then
         error("shmprom.new: zone '" .. name .. "': " .. errmsg(), 2)
     end

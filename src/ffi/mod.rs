@@ -7,7 +7,9 @@ use crate::cells::{claim_plane, claim_spare, f64_add, f64_set, spare_held, sum_c
 use crate::expose::{render, shared, Format};
 use crate::registry::{self, Def, DefineError, Kind, SeriesError};
 use crate::series::TableError;
-use crate::zone::{OpenError, PrefaultHow, PrefaultMethod, PrefaultPart, Zone};
+use crate::zone::{
+    OpenError, PrefaultHow, PrefaultMethod, PrefaultPart, Zone, DEFAULT_CELLS_PER_SERIES,
+};
 use std::ffi::{c_char, c_int};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -18,7 +20,7 @@ pub use rules::*;
 
 /// Bumped whenever a function, a signature or a struct of the C ABI
 /// changes (4: shmprom_zone_prefault; 6: shmprom_rec_*).
-pub const SHMPROM_ABI_VERSION: u32 = 6;
+pub const SHMPROM_ABI_VERSION: u32 = 7;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;
@@ -237,9 +239,11 @@ pub extern "C" fn shmprom_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
 }
 
-/// Opens (creating on first use in this process) the zone `name`.
-/// Returns 0, 1 when the zone already existed with another size or plane
-/// count (it is kept as it was), or a negative error code.
+/// Opens (creating on first use in this process) the zone `name`, its
+/// regions shared for series of `cells_per_series` cells on average (0:
+/// the default, [`DEFAULT_CELLS_PER_SERIES`]). Returns 0, 1 when the zone
+/// already existed with another size, plane count or share (it is kept as
+/// it was), or a negative error code.
 ///
 /// # Safety
 /// `name` must hold `name_len` bytes; `path` is NULL or a NUL-terminated
@@ -250,6 +254,7 @@ pub unsafe extern "C" fn shmprom_zone_open(
     name_len: usize,
     size: u64,
     planes: u32,
+    cells_per_series: f64,
     path: *const c_char,
     out: *mut *mut shmprom_zone,
     err: *mut c_char,
@@ -276,12 +281,17 @@ pub unsafe extern "C" fn shmprom_zone_open(
                 }
             }
         };
-        match Zone::open(n, size, planes, p) {
+        let cells = if cells_per_series == 0.0 {
+            DEFAULT_CELLS_PER_SERIES
+        } else {
+            cells_per_series
+        };
+        match Zone::open_for(n, size, planes, cells, p) {
             Ok((zn, differs)) => {
                 // SAFETY: out is writable per the contract.
                 unsafe { *out = zn.as_ptr() as *mut shmprom_zone };
                 if differs {
-                    set_err(err, errlen, "zone already open with another size or plane count; kept as it was (restart nginx to change it)");
+                    set_err(err, errlen, "zone already open with another size, plane count or cells_per_series; kept as it was (restart nginx to change it)");
                     1
                 } else {
                     SHMPROM_OK
@@ -1000,6 +1010,7 @@ mod tests {
                 name.len(),
                 1 << 20,
                 2,
+                0.0,
                 std::ptr::null(),
                 &mut z,
                 err.as_mut_ptr(),

@@ -11,7 +11,7 @@ int main(void) {
     char err[256] = "";
     shmprom_zone *z = NULL;
     CHECK(shmprom_abi_version() == SHMPROM_ABI_VERSION);
-    CHECK(shmprom_zone_open("c-smoke", 7, 1 << 20, 3, NULL, &z, err, sizeof err) == SHMPROM_OK);
+    CHECK(shmprom_zone_open("c-smoke", 7, 1 << 20, 3, 0, NULL, &z, err, sizeof err) == SHMPROM_OK);
     const char *labels[] = {"op"};
     size_t label_lens[] = {2};
     int64_t fam = shmprom_family_define(z, "c_ops_total", 11, "Ops from C", 10, 0, 0,
@@ -26,7 +26,11 @@ int main(void) {
     /* a wrong label count is an error with a message, not a crash */
     CHECK(shmprom_series_get(z, (uint32_t)fam, 0, NULL, NULL, err, sizeof err) == SHMPROM_EINVAL);
     CHECK(strstr(err, "expected 1 label values") != NULL);
-    CHECK(shmprom_zone_open(NULL, 0, 0, 0, NULL, &z, err, sizeof err) == SHMPROM_EINVAL);
+    CHECK(shmprom_zone_open(NULL, 0, 0, 0, 0, NULL, &z, err, sizeof err) == SHMPROM_EINVAL);
+    /* a share for fewer than one cell per series is refused, with a message */
+    shmprom_zone *z2 = NULL;
+    CHECK(shmprom_zone_open("c-smoke-cells", 13, 1 << 20, 3, 0.5, NULL, &z2, err, sizeof err) == SHMPROM_EINVAL);
+    CHECK(strstr(err, "cells per series") != NULL);
     uint8_t *buf = NULL;
     size_t len = 0;
     CHECK(shmprom_render(z, 0, &buf, &len, err, sizeof err) == SHMPROM_OK);

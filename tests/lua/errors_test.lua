@@ -40,6 +40,9 @@ at_caller("'size' must be", function() shmprom.new{ zone = "x", size = "lots" } 
 at_caller("below the minimum", function() shmprom.new{ zone = "tiny", size = 1024 } end)
 at_caller("'prefault' must be true, false or \"table\"", function() shmprom.new{ zone = "pf", prefault = "yes" } end)
 at_caller("'prefault' must be true, false or \"table\"", function() shmprom.new{ zone = "pf", prefault = 1 } end)
+at_caller("'cells_per_series' must be a number from 1 to 1024", function() shmprom.new{ zone = "cps", cells_per_series = 0.5 } end)
+at_caller("'cells_per_series' must be a number from 1 to 1024", function() shmprom.new{ zone = "cps", cells_per_series = 0/0 } end)
+at_caller("'cells_per_series' must be a number from 1 to 1024", function() shmprom.new{ zone = "cps", cells_per_series = "21" } end)
 
 local c = m:counter("c_total", "x", {"a", "b"})
 at_caller("already defined", function() m:counter("c_total", "x", {"a"}) end)

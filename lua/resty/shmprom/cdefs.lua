@@ -19,8 +19,9 @@ typedef struct shmprom_zone_info {
 uint32_t shmprom_abi_version(void);
 const char *shmprom_version(void);
 int shmprom_zone_open(const char *name, size_t name_len, uint64_t size,
-                      uint32_t planes, const char *path, shmprom_zone **out,
-                      char *err, size_t errlen);
+                      uint32_t planes, double cells_per_series,
+                      const char *path, shmprom_zone **out, char *err,
+                      size_t errlen);
 int shmprom_zone_get_info(const shmprom_zone *z, shmprom_zone_info *out);
 int shmprom_plane_claim(shmprom_zone *z, uint32_t pid);
 int shmprom_spare_claim(shmprom_zone *z, uint32_t pid);
