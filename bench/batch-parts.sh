@@ -5,10 +5,11 @@
 #
 #   ROUNDS=5 bench/batch-parts.sh [REPO]
 #
-# One nginx, 1 worker, no load; four zones opened as bench (f) opens its
-# first one (default prefault, "table"), two of 512m and two of 128m (one
-# for each variant below), each with (f)'s histogram {path} of 19
-# buckets. A content_by_lua handler times one loop
+# One nginx, 1 worker, no load; six zones opened as bench (f) opens its
+# first one (default prefault, "table"), two of 512m, two of 128m and two
+# of 512m with cells_per_series = 21 (`512m/21`: the table a seventh of
+# the size; one zone for each variant below), each with (f)'s histogram
+# {path} of 19 buckets. A content_by_lua handler times one loop
 # of 10k new label sets by the worker's thread CPU clock, the loop one of:
 #   bare         the caller's part: `local lv = { "/b/" .. i }` and the
 #                string put into a Lua table (emptied at the size a
@@ -40,11 +41,14 @@ sn_init batch-parts
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
         H = {}
-        for _, size in ipairs({ "512m", "128m" }) do
+        for _, z in ipairs({ { "512m" }, { "128m" }, { "512m", 21 } }) do
+            local size, cps = z[1], z[2]
+            local key = size .. (cps and "/" .. cps or "")
             for _, v in ipairs({ "table", "observe" }) do
-                local m = shmprom.new{ zone = "bp_" .. v .. "_" .. size, size = size }
+                local m = shmprom.new{ zone = "bp_" .. v .. "_" .. key:gsub("/", "_"),
+                                       size = size, cells_per_series = cps }
                 local _, h = F.families(m, "bp", "path")
-                H[v .. ":" .. size] = { m = m, h = h }
+                H[v .. ":" .. key] = { m = m, h = h }
             end
         end
     }
@@ -97,7 +101,7 @@ sn_init batch-parts
 EOC
 } >"$W/nginx.conf"
 sn_start batch-parts "http://127.0.0.1:$PORT/run?v=bare&size=128m&base=0&n=0"
-VARIANTS=(bare table:512m observe:512m table:128m observe:128m)
+VARIANTS=(bare table:512m observe:512m table:128m observe:128m table:512m/21 observe:512m/21)
 echo "batch-parts: $ROUNDS rounds of 10k new label sets, 1 worker, $REPO (commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
 declare -A CPU FAULTS
 gen=0
@@ -113,9 +117,9 @@ for r in $(seq 0 $((ROUNDS - 1))); do
     done
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-printf '%-14s %14s %12s %14s  %s\n' variant "CPU ms / 10k" "us each" "page faults" "per round (ms)"
+printf '%-16s %14s %12s %14s  %s\n' variant "CPU ms / 10k" "us each" "page faults" "per round (ms)"
 for var in "${VARIANTS[@]}"; do
     m=$(echo "${CPU[$var]}" | median)
-    printf '%-14s %14.2f %12.3f %14s  %s\n' "$var" "$m" "$(echo "$m / 10000 * 1000" | bc -l)" \
+    printf '%-16s %14.2f %12.3f %14s  %s\n' "$var" "$m" "$(echo "$m / 10000 * 1000" | bc -l)" \
         "$(echo "${FAULTS[$var]}" | median)" "${CPU[$var]}"
 done
