@@ -222,17 +222,26 @@ for my $r (qw(keys cells)) {
 }
 
 # ---------------------------------------------------------------- a zone of histograms
-my ($hgood, $hbad) = (0, 0);
-for my $i (0 .. 99) {
-    my $r = $n->get('/hfill?from=' . (100 * $i) . '&to=' . (100 * $i + 99));
-    my ($g, $b) = $r->{body} =~ /^(\d+) (\d+)/ or last;
-    $hgood += $g;
-    $hbad += $b;
-    last if $b > 0;
+# hfill(query, metrics) -> (label sets made, refused, parsed metrics, fill
+# ratio by region): new histogram label sets 100 at a time until one is
+# refused (at most 10k)
+sub hfill {
+    my ($q, $metrics) = @_;
+    my ($good, $bad) = (0, 0);
+    for my $i (0 .. 99) {
+        my $r = $n->get("/hfill?$q&from=" . (100 * $i) . '&to=' . (100 * $i + 99));
+        my ($g, $b) = $r->{body} =~ /^(\d+) (\d+)/ or last;
+        $good += $g;
+        $bad += $b;
+        last if $b > 0;
+    }
+    my $p = eval { parse_metrics($n->get($metrics)->{body}) } || { list => [], samples => {}, type => {} };
+    my %fill = map { $_ => metric_value($p, 'shmprom_zone_fill_ratio', region => $_) // -1 } qw(slots keys cells);
+    return ($good, $bad, $p, \%fill);
 }
+my ($hgood, $hbad, $hp, $hf) = hfill('z=h', '/hmetrics');
+my %hfill = %$hf;
 cmp_ok($hbad, '>', 0, "the histogram zone filled up: $hgood label sets, then refusals");
-my $hp = eval { parse_metrics($n->get('/hmetrics')->{body}) } || { list => [], samples => {}, type => {} };
-my %hfill = map { $_ => metric_value($hp, 'shmprom_zone_fill_ratio', region => $_) // -1 } qw(slots keys cells);
 cmp_ok($hfill{cells}, '>', 0.95, "cells ran out: shmprom_zone_fill_ratio{region=\"cells\"} = $hfill{cells}");
 cmp_ok($hfill{slots}, '<', 0.5, "the slots did not: shmprom_zone_fill_ratio{region=\"slots\"} = $hfill{slots}");
 is(metric_value($hp, 'shmprom_series_dropped_total', family => 't_wide_seconds'), $hbad,
@@ -240,18 +249,10 @@ is(metric_value($hp, 'shmprom_series_dropped_total', family => 't_wide_seconds')
 
 # the same size opened with cells_per_series = 21: the table and the cells
 # run out together, and it holds more than twice as many label sets
-my ($sgood, $sbad) = (0, 0);
-for my $i (0 .. 99) {
-    my $r = $n->get('/hfill?z=s&from=' . (100 * $i) . '&to=' . (100 * $i + 99));
-    my ($g, $b) = $r->{body} =~ /^(\d+) (\d+)/ or last;
-    $sgood += $g;
-    $sbad += $b;
-    last if $b > 0;
-}
+my ($sgood, $sbad, $sp, $sf) = hfill('z=s', '/smetrics');
+my %sfill = %$sf;
 cmp_ok($sbad, '>', 0, "the zone with cells_per_series = 21 filled up: $sgood label sets, then refusals");
 cmp_ok($sgood, '>', 2 * $hgood, "it holds more than twice as many as the default shares ($hgood)");
-my $sp = eval { parse_metrics($n->get('/smetrics')->{body}) } || { list => [], samples => {}, type => {} };
-my %sfill = map { $_ => metric_value($sp, 'shmprom_zone_fill_ratio', region => $_) // -1 } qw(slots keys cells);
 cmp_ok($sfill{slots}, '>', 0.9, "its slots ran out too: shmprom_zone_fill_ratio{region=\"slots\"} = $sfill{slots}");
 cmp_ok($sfill{cells}, '>', 0.9, "and its cells: shmprom_zone_fill_ratio{region=\"cells\"} = $sfill{cells}");
 is(metric_value($sp, 'shmprom_series_dropped_total', family => 't_wide_seconds'), $sbad,
