@@ -157,6 +157,12 @@ impl Layout {
         Self::compute_for(size, planes, DEFAULT_CELLS_PER_SERIES)
     }
 
+    /// Whether the zone of header `h` was shared out as this layout shares
+    /// (the same table and key arena; the cells get the rest).
+    fn shares_of(&self, h: &Header) -> bool {
+        self.slots_cap == h.slots_cap && self.keys_cap == h.keys_cap
+    }
+
     /// [`compute`](Self::compute) for series of `cells` cells on average
     /// (1 for counters and gauges, buckets + 2 for a histogram's label
     /// set): the slots and key blocks get the share such series leave
@@ -261,9 +267,7 @@ impl Zone {
             let h = o.zone.header();
             let differs = h.size != size
                 || h.planes != planes
-                || Layout::compute_for(size, planes, cells).map_or(true, |l| {
-                    l.slots_cap != h.slots_cap || l.keys_cap != h.keys_cap
-                });
+                || Layout::compute_for(size, planes, cells).map_or(true, |l| !l.shares_of(h));
             return Ok((o.zone, differs));
         }
         let layout = Layout::compute_for(size, planes, cells).map_err(OpenError::Invalid)?;
@@ -276,8 +280,7 @@ impl Zone {
             if h.layout_version != LAYOUT_VERSION
                 || h.size != size
                 || h.planes != planes
-                || h.slots_cap != layout.slots_cap
-                || h.keys_cap != layout.keys_cap
+                || !layout.shares_of(h)
             {
                 return Err(OpenError::Invalid(format!(
                     "zone file {} was made with another layout (version {}, size {}, planes {}, {} slots); remove it or use the same settings",
