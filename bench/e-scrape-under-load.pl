@@ -41,6 +41,24 @@ die "BENCH_E_MODES must include none\n" unless grep { $_ eq 'none' } @MODES;
 my $NEW_OPTS = $ENV{BENCH_E_NEW_OPTS} ? ", $ENV{BENCH_E_NEW_OPTS}" : '';
 my $SET_NICE = grep { /-nice\d+$/ } @MODES;
 
+# readme_server(port): the loaded server, recording the README example's
+# two metrics (metric_requests, metric_latency: each library defines them
+# its own way) the same way for shmprom and the peer
+sub readme_server {
+    my ($p) = @_;
+    return <<"EOS";
+    server {
+        listen 127.0.0.1:$p;
+        server_name bench;
+        location / { return 200 "hello\\n"; }
+        log_by_lua_block {
+            metric_requests:inc(1, {ngx.var.server_name, ngx.var.status})
+            metric_latency:observe(tonumber(ngx.var.request_time), {ngx.var.server_name})
+        }
+    }
+EOS
+}
+
 my ($port, $mport) = free_ports(2);
 my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
     lua_shared_dict stall 1m;
@@ -57,16 +75,7 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
         bench_m:init_worker()
         require("shmprom_bench.stall").start("stall", 0.001)
     }
-    server {
-        listen 127.0.0.1:$port;
-        server_name bench;
-        location / { return 200 "hello\\n"; }
-        log_by_lua_block {
-            metric_requests:inc(1, {ngx.var.server_name, ngx.var.status})
-            metric_latency:observe(tonumber(ngx.var.request_time), {ngx.var.server_name})
-        }
-    }
-    server {
+${\ readme_server($port) }    server {
         listen 127.0.0.1:$mport;
         location = /metrics {
             content_by_lua_block {
@@ -275,16 +284,7 @@ if ($PEER) {
         metric_requests, metric_latency = require("shmprom_bench.readme").setup(peer_prom)
         require("shmprom_bench.stall").start("stall", 0.001)
     }
-    server {
-        listen 127.0.0.1:$pport;
-        server_name bench;
-        location / { return 200 "hello\\n"; }
-        log_by_lua_block {
-            metric_requests:inc(1, {ngx.var.server_name, ngx.var.status})
-            metric_latency:observe(tonumber(ngx.var.request_time), {ngx.var.server_name})
-        }
-    }
-    server {
+${\ readme_server($pport) }    server {
         listen 127.0.0.1:$pmport;
         location = /metrics { content_by_lua_block { peer_prom:collect() } }
 $STALL_LOCATIONS
