@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define SHMPROM_ABI_VERSION 7
+#define SHMPROM_ABI_VERSION 8
 
 #define SHMPROM_OK 0
 #define SHMPROM_EINVAL (-1)
@@ -92,6 +92,9 @@ int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
 void shmprom_zone_set_grace(shmprom_zone *z, uint32_t secs);
 int shmprom_zone_prefault(shmprom_zone *z, uint32_t how, char *err,
                           size_t errlen);
+int64_t shmprom_zone_populate_ahead(shmprom_zone *z, uint32_t plane,
+                                    uint64_t ahead, uint64_t max_pages,
+                                    uint64_t *marks, char *err, size_t errlen);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
 /* The gateway preset's recorder, for the nginx module (nginx-module/). */
 typedef struct shmprom_gw shmprom_gw;

@@ -669,21 +669,30 @@ impl Zone {
             // (EINVAL on kernels built without transparent huge pages).
             unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) };
         }
+        self.populate(0, len, how)
+    }
+
+    /// Populates bytes `off .. off + len` of the zone (`off` a multiple of
+    /// the page size, the range inside the mapping) as [`Zone::prefault`]
+    /// does: madvise, or one access per page on kernels before 5.14.
+    fn populate(&self, off: usize, len: usize, how: PrefaultHow) -> Result<PrefaultMethod, String> {
+        debug_assert!(off % page_size() == 0 && off + len <= self.len);
         let advice = match how {
             PrefaultHow::Allocate => libc::MADV_POPULATE_WRITE,
             PrefaultHow::Map => libc::MADV_POPULATE_READ,
         };
-        // SAFETY: advice on our own live mapping, `len` <= its length (a
-        // whole number of pages from its page-aligned base); populating
-        // faults pages in (allocating zeroed ones where there were none, as
-        // a first touch would) and changes no byte of the zone.
-        if unsafe { libc::madvise(addr, len, advice) } == 0 {
+        // SAFETY: advice on our own live mapping: `off` is page-aligned
+        // from its page-aligned base and `off + len` <= its length;
+        // populating faults pages in (allocating zeroed ones where there
+        // were none, as a first touch would) and changes no byte of the
+        // zone.
+        if unsafe { libc::madvise(self.base.add(off) as *mut libc::c_void, len, advice) } == 0 {
             return Ok(PrefaultMethod::Madvise);
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EINVAL) {
             // a kernel before 5.14 does not know the advice
-            self.touch_pages(how, part);
+            self.touch_range(off, len, how);
             return Ok(PrefaultMethod::Touch);
         }
         Err(format!(
@@ -693,6 +702,69 @@ impl Zone {
                 PrefaultHow::Map => "MADV_POPULATE_READ",
             },
         ))
+    }
+
+    /// Keeps the pages just past two allocation frontiers in memory and
+    /// mapped into this process, ahead of use: the cell region's in plane
+    /// `plane` (this process's own; 0, the shared plane, for a process
+    /// without one) and the key arena's, up to `ahead` bytes past each.
+    /// New series take cells and key blocks in order from these frontiers,
+    /// so their first writes then find their pages there instead of each
+    /// taking a page fault in the request that creates them. Meant to be
+    /// called off the request path (a timer) now and then.
+    ///
+    /// `marks` is this process's record of how far each region (the
+    /// plane's cells, the keys) is done, zone offsets; zero at first. It is
+    /// per process: fork gives a child the mapping but not the page table
+    /// entries of shared memory. At most `max_pages` pages are populated in
+    /// one call, so that one call stays short, the cells' first (a
+    /// histogram's label set takes more of them than of the keys). Returns
+    /// the pages populated.
+    pub fn populate_ahead(
+        &self,
+        plane: u32,
+        ahead: u64,
+        max_pages: u64,
+        marks: &mut [u64; 2],
+    ) -> Result<u64, String> {
+        let h = self.header();
+        let page = page_size() as u64;
+        let cells_used = h.cells_used.load(Ordering::Relaxed).min(h.cells_cap);
+        let keys_used = h.keys_used.load(Ordering::Relaxed).min(h.keys_cap);
+        let plane = plane.min(h.planes.saturating_sub(1)) as u64;
+        let cells_start = h.cells_off + plane * h.cells_cap * 8;
+        let regions = [
+            (cells_start, cells_used * 8, h.cells_cap * 8),
+            (h.keys_off, keys_used, h.keys_cap),
+        ];
+        let mut left = max_pages;
+        let mut done = 0;
+        for (r, (start, used, cap)) in regions.into_iter().enumerate() {
+            let (frontier, end) = (start + used, start + cap);
+            let want = frontier.saturating_add(ahead).min(end);
+            let want = want
+                .div_ceil(page)
+                .saturating_mul(page)
+                .min(self.len as u64);
+            let first = frontier / page * page;
+            // a mark from another region (the process's plane changed)
+            // says nothing about this one
+            let from = if (first..=want).contains(&marks[r]) {
+                marks[r]
+            } else {
+                first
+            };
+            if want <= from || left == 0 {
+                continue;
+            }
+            let to = want.min(from + left * page);
+            self.populate(from as usize, (to - from) as usize, PrefaultHow::Allocate)?;
+            marks[r] = to;
+            let n = (to - from) / page;
+            left -= n;
+            done += n;
+        }
+        Ok(done)
     }
 
     /// Bytes from the base that `part` covers: the whole mapping, or up to
@@ -718,10 +790,16 @@ impl Zone {
     /// where a plain read then write could undo that update on a live
     /// zone. For [`PrefaultHow::Map`] a read.
     pub fn touch_pages(&self, how: PrefaultHow, part: PrefaultPart) {
+        self.touch_range(0, self.part_len(part), how);
+    }
+
+    /// [`Zone::touch_pages`] for bytes `off .. off + len` (`off` a
+    /// multiple of the page size, the range inside the mapping).
+    fn touch_range(&self, off: usize, len: usize, how: PrefaultHow) {
         let page = page_size();
-        let len = self.part_len(part);
-        let mut off = 0;
-        while off < len {
+        let end = off + len;
+        let mut off = off;
+        while off < end {
             // SAFETY: off < len, so the word is inside the mapping; off is a
             // multiple of the page size, so the word is 8-aligned. Words of
             // the zone are updated by atomics or by aligned 8-byte stores,

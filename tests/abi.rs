@@ -194,8 +194,8 @@ fn header_matches_rust() {
             "{alias} differs"
         );
     }
-    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 7;"));
-    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 7);
+    assert!(bindings.contains("pub const SHMPROM_ABI_VERSION: u32 = 8;"));
+    assert_eq!(shmprom::ffi::SHMPROM_ABI_VERSION, 8);
 }
 
 #[test]

@@ -4,8 +4,10 @@
 //! mapping but not its page table entries, maps it with PrefaultHow::Map;
 //! the fallback for kernels without MADV_POPULATE_* does the same; the
 //! table part (the default of shmprom.new) brings in the records and the
-//! slot array and not the arenas; and
-//! neither changes a value of a zone in use, not even a word another
+//! slot array and not the arenas; populate_ahead brings in the pages just
+//! past the cell frontier of the caller's plane and the key arena's, per
+//! process, at most so many pages per call, never past a region; and
+//! none of them changes a value of a zone in use, not even a word another
 //! process is updating with plain stores at that moment.
 //!
 //! One #[test] in this file, so the harness runs no other thread while we
@@ -35,6 +37,38 @@ fn resident_in(z: &Zone, len: usize) -> (usize, usize) {
     let rc = unsafe { libc::mincore(z.as_ptr() as *mut libc::c_void, len, v.as_mut_ptr()) };
     assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
     (v.iter().filter(|b| **b & 1 != 0).count(), n)
+}
+
+/// Pages resident among bytes `off .. off + len` of the zone (`off` a
+/// multiple of the page size), and their count.
+fn resident_range(z: &Zone, off: usize, len: usize) -> (usize, usize) {
+    let n = len.div_ceil(page());
+    let mut v = vec![0u8; n];
+    // SAFETY: the range lies inside the zone's live mapping, from a
+    // page-aligned address; v holds one byte per page.
+    let rc = unsafe {
+        libc::mincore(
+            z.as_ptr().add(off) as *mut libc::c_void,
+            len,
+            v.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    (v.iter().filter(|b| **b & 1 != 0).count(), n)
+}
+
+/// The zone offsets of the two frontiers populate_ahead keeps ahead of:
+/// the cells' of `plane` and the key arena's, each with the end of its
+/// region.
+fn frontiers(z: &Zone, plane: u64) -> [(u64, u64); 2] {
+    let h = z.header();
+    let cells = h.cells_off + plane * h.cells_cap * 8;
+    let used = h.cells_used.load(Ordering::Relaxed);
+    let keys = h.keys_off + h.keys_used.load(Ordering::Relaxed);
+    [
+        (cells + used * 8, cells + h.cells_cap * 8),
+        (keys, h.keys_off + h.keys_cap),
+    ]
 }
 
 /// Bytes of the zone mapped in this process's page tables: the Rss of the
@@ -216,6 +250,114 @@ fn prefault_makes_the_zone_resident() {
     assert_eq!(res, pages);
     assert_eq!(text(&f), before);
     let _ = std::fs::remove_dir_all(&dir);
+
+    // populate_ahead: the pages past the cell frontier of the caller's
+    // plane and past the key arena's, `ahead` bytes of each, resident and
+    // mapped in this process; another plane's not
+    let pg = page() as u64;
+    let a = populated("pf-ahead", size, None);
+    let before = text(&a);
+    let ahead = 1u64 << 20;
+    let mut marks = [0u64; 2];
+    let n = a.populate_ahead(2, ahead, 1 << 20, &mut marks).unwrap();
+    let fr = frontiers(&a, 2);
+    let mut want = 0;
+    for (r, (f, end)) in fr.iter().enumerate() {
+        let from = f / pg * pg;
+        let to = (f + ahead).min(*end).div_ceil(pg) * pg;
+        assert_eq!(marks[r], to, "region {r}: done up to frontier + ahead");
+        let (res, all) = resident_range(&a, from as usize, (to - from) as usize);
+        assert_eq!(res, all, "region {r}: every page ahead resident");
+        want += (to - from) / pg;
+    }
+    assert_eq!(n, want, "the pages populated are counted");
+    assert!(
+        rss(&a) >= want * pg,
+        "and mapped in this process: Rss {} for {want} pages",
+        rss(&a)
+    );
+    for p in [0, 1] {
+        let o = frontiers(&a, p)[0];
+        let (res, _) = resident_range(&a, (o.0 / pg * pg + pg) as usize, ahead as usize);
+        assert_eq!(res, 0, "plane {p}'s cells are left alone");
+    }
+    assert_eq!(
+        a.populate_ahead(2, ahead, 1 << 20, &mut marks).unwrap(),
+        0,
+        "nothing more while the frontiers stay"
+    );
+    assert_eq!(text(&a), before, "populate_ahead changed no value");
+    // new series move the frontiers: only the pages past the old window
+    let hdef = Def {
+        name: "pf_seconds",
+        help: b"test",
+        kind: Kind::Histogram,
+        mode: 0,
+        labels: vec!["path"],
+        buckets: (1..=19).map(|i| i as f64).collect(),
+    };
+    let hid = registry::define(&a, &hdef).unwrap();
+    for i in 0..2000 {
+        registry::series_get(&a, hid, &[format!("/p/{i}").as_bytes()]).unwrap();
+    }
+    let old = marks;
+    let n2 = a.populate_ahead(2, ahead, 1 << 20, &mut marks).unwrap();
+    let fr2 = frontiers(&a, 2);
+    let mut want2 = 0;
+    for r in 0..2 {
+        let to = (fr2[r].0 + ahead).min(fr2[r].1).div_ceil(pg) * pg;
+        assert_eq!(marks[r], to, "region {r} after 2000 new series");
+        want2 += (to - old[r]) / pg;
+    }
+    assert!(
+        n2 > 0 && n2 == want2,
+        "{n2} pages populated, {want2} wanted"
+    );
+    // at most max_pages per call; calls go on where the last stopped
+    let b = populated("pf-ahead-steps", 16 << 20, None);
+    let mut bm = [0u64; 2];
+    let mut calls = 0;
+    let mut total = 0;
+    loop {
+        let k = b.populate_ahead(1, ahead, 7, &mut bm).unwrap();
+        assert!(k <= 7, "{k} pages in one call");
+        total += k;
+        calls += 1;
+        if k == 0 {
+            break;
+        }
+    }
+    let mut one = [0u64; 2];
+    let c = populated("pf-ahead-once", 16 << 20, None);
+    assert_eq!(
+        total,
+        c.populate_ahead(1, ahead, 1 << 20, &mut one).unwrap()
+    );
+    assert!(calls > total / 7, "{calls} calls for {total} pages");
+    // a window longer than a region stops at its end
+    let s = populated("pf-ahead-small", 256 << 10, None);
+    let mut sm = [0u64; 2];
+    s.populate_ahead(2, 64 << 20, 1 << 20, &mut sm).unwrap();
+    for (r, (_, end)) in frontiers(&s, 2).iter().enumerate() {
+        assert!(
+            sm[r] <= end.div_ceil(pg) * pg,
+            "region {r} stops at its end"
+        );
+    }
+    assert_eq!(s.populate_ahead(2, 64 << 20, 1 << 20, &mut sm).unwrap(), 0);
+    // per process: a forked child starts from marks of its own, maps the
+    // same pages (already resident: no allocation) into its page tables
+    in_child(|| {
+        let r0 = rss(&a);
+        let mut cm = [0u64; 2];
+        let k = a.populate_ahead(2, ahead, 1 << 20, &mut cm).unwrap();
+        assert_eq!(cm, marks, "the child's marks end where the parent's do");
+        assert!(
+            rss(&a) >= r0 + k * pg / 2,
+            "the child maps the pages ahead: Rss {r0} -> {}",
+            rss(&a)
+        );
+    });
 
     // live: a child bumps a word that starts a page (touched by the
     // fallback) with plain loads and stores, as a worker's Lua does on its

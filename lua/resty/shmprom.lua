@@ -27,7 +27,7 @@ local ngx = ngx
 local _M = {
     _VERSION = "0.1.0",
     -- The C ABI this wrapper speaks: must equal shmprom_abi_version().
-    ABI = 7,
+    ABI = 8,
 }
 
 local FFI_OK = 0
@@ -38,6 +38,13 @@ local ERR_BAD_VALUE, ERR_BAD_LABELS, ERR_INTERNAL = 0, 1, 4
 local PREFAULT_ALLOCATE, PREFAULT_MAP = 0, 1
 local PREFAULT_ALLOCATE_TABLE, PREFAULT_MAP_TABLE = 2, 3
 local PREFAULT_METHODS = { [0] = "madvise", [1] = "touch" }
+-- Keeping pages mapped ahead of the key and cell frontiers (the option
+-- prefault_ahead): its default, bytes past each frontier (at most; a 64th
+-- of the zone for zones under 256 MiB), seconds between two checks, and
+-- the most pages one check brings in (at init_worker / on a timer).
+local AHEAD_BYTES = 4 * 1024 * 1024
+local AHEAD_INTERVAL = 0.25
+local AHEAD_FIRST_PAGES, AHEAD_TICK_PAGES = 4096, 256
 -- Entries in a family's label cache before it is dropped and rebuilt.
 local MAX_CACHE = 65536
 -- Label values given as arguments (c:inc(1, a, b)): up to this many; a
@@ -273,7 +280,8 @@ local function attach_module(z)
 end
 
 --- shmprom.new{ zone = "name", size = "32m", planes = n, path = nil,
----              lib = nil, prefault = "table", cells_per_series = nil }
+---              lib = nil, prefault = "table", prefault_ahead = nil,
+---              cells_per_series = nil }
 -- Opens (creating it on first use) a shared zone. Call it from
 -- init_by_lua* so every worker inherits it.
 function _M.new(opts)
@@ -320,6 +328,26 @@ function _M.new(opts)
         prefault = "table"
     elseif prefault ~= true and prefault ~= false and prefault ~= "table" then
         error("shmprom.new: 'prefault' must be true, false or \"table\"", 2)
+    end
+    -- bytes kept mapped past the key and cell frontiers, in each worker,
+    -- from a timer (0: none); by default a 64th of the zone, at most 4m,
+    -- unless prefault is false. A whole-zone prefault has them already.
+    local ahead = opts.prefault_ahead
+    if ahead == nil then
+        ahead = prefault == "table" and math.min(AHEAD_BYTES, floor(size / 64))
+                or 0
+    elseif ahead == false then
+        ahead = 0
+    else
+        ahead = parse_size(ahead)
+        if not ahead or ahead < 0 or ahead ~= floor(ahead) then
+            error("shmprom.new: 'prefault_ahead' must be false, a number of "
+                  .. "bytes or a string such as \"4m\", got "
+                  .. tostring(opts.prefault_ahead), 2)
+        end
+    end
+    if prefault == true then
+        ahead = 0
     end
     local ttl = opts.ttl
     if ttl ~= nil and (type(ttl) ~= "number" or ttl < 1 or ttl ~= floor(ttl))
@@ -418,6 +446,10 @@ function _M.new(opts)
         prefault = prefaulted,
         -- "zone" or "table" (what was made resident), or nil
         prefault_part = prefault_part,
+        -- bytes kept mapped past the frontiers (0: none)
+        ahead_bytes = ahead,
+        -- this worker's 2 marks for shmprom_zone_populate_ahead, or nil
+        ahead = nil,
     }, Zone)
     zones[name] = z
     if in_master_init() then
@@ -444,6 +476,34 @@ function Zone:init_worker()
         end
     end
     try_claim(self)
+    -- Keep the pages just past the cell frontier of this worker's plane
+    -- and the key arena's mapped, from a timer (prefault_ahead): new
+    -- series then do not take a page fault each (a few microseconds) in
+    -- the request that creates them.
+    if self.ahead_bytes > 0 and ngx and not self.ahead
+       and not in_master_init() then
+        self.ahead = ffi_new("uint64_t[2]")
+        local z = self
+        local function ahead(max_pages)
+            local n = C.shmprom_zone_populate_ahead(z.ptr, z.plane,
+                                                    z.ahead_bytes, max_pages,
+                                                    z.ahead, errbuf, ERRLEN)
+            if n < 0 then
+                log_limited("ahead", "zone '" .. z.name .. "': keeping "
+                            .. "pages ahead of use: " .. errmsg())
+            end
+        end
+        ahead(AHEAD_FIRST_PAGES)
+        local ok, err = ngx.timer.every(AHEAD_INTERVAL, function(premature)
+            if not premature then
+                ahead(AHEAD_TICK_PAGES)
+            end
+        end)
+        if not ok then
+            ngx.log(ngx.WARN, "shmprom: cannot start the timer that keeps "
+                    .. "pages ahead of use: ", err)
+        end
+    end
     if self.plane == 0 and ngx and not self.retrying then
         self.retrying = true
         local z = self

@@ -20,7 +20,7 @@ pub use rules::*;
 
 /// Bumped whenever a function, a signature or a struct of the C ABI
 /// changes (4: shmprom_zone_prefault; 6: shmprom_rec_*).
-pub const SHMPROM_ABI_VERSION: u32 = 7;
+pub const SHMPROM_ABI_VERSION: u32 = 8;
 
 pub const SHMPROM_OK: c_int = 0;
 pub const SHMPROM_EINVAL: c_int = -1;
@@ -950,6 +950,45 @@ pub unsafe extern "C" fn shmprom_zone_prefault(
             Err(m) => {
                 set_err(err, errlen, &m);
                 SHMPROM_EOS
+            }
+        }
+    })
+}
+
+/// Keeps the pages just past two of the zone's allocation frontiers, the
+/// cells' in plane `plane` (the caller's own; 0 without one) and the key
+/// arena's, in memory and mapped into this process, up to `ahead` bytes
+/// past each, so that new series find their cells' and key blocks' pages
+/// there instead of taking a page fault each in the request that creates
+/// them. For a timer, off the request path. `marks` points at 2 words
+/// this process keeps for the zone, zero at first (how far each region is
+/// done; per process: a forked child starts again from zero). At most
+/// `max_pages` pages are populated per call. Returns the pages populated,
+/// or a negative error code.
+///
+/// # Safety
+/// `z` comes from shmprom_zone_open; `marks` points at 2 writable words;
+/// `err` holds `errlen` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmprom_zone_populate_ahead(
+    z: *mut shmprom_zone,
+    plane: u32,
+    ahead: u64,
+    max_pages: u64,
+    marks: *mut u64,
+    err: *mut c_char,
+    errlen: usize,
+) -> i64 {
+    nonnull!(z, err, errlen, SHMPROM_EINVAL as i64, "zone");
+    nonnull!(marks, err, errlen, SHMPROM_EINVAL as i64, "marks");
+    guard!(err, errlen, SHMPROM_EPANIC as i64, {
+        // SAFETY: the caller gives 2 writable, aligned words at `marks`.
+        let m = unsafe { &mut *(marks as *mut [u64; 2]) };
+        match zone(z).populate_ahead(plane, ahead, max_pages, m) {
+            Ok(n) => n as i64,
+            Err(e) => {
+                set_err(err, errlen, &e);
+                SHMPROM_EOS as i64
             }
         }
     })

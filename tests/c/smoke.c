@@ -1,5 +1,6 @@
 /* A C program built against include/shmprom.h: opens a zone, defines a
- * counter, updates it, renders, checks the line is there, prefaults. */
+ * counter, updates it, renders, checks the line is there, prefaults
+ * (and keeps pages ahead of the frontiers). */
 #include "shmprom.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +46,13 @@ int main(void) {
     CHECK(shmprom_zone_prefault(z, 7, err, sizeof err) == SHMPROM_EINVAL);
     CHECK(strstr(err, "prefault") != NULL);
     CHECK(shmprom_zone_prefault(NULL, 0, err, sizeof err) == SHMPROM_EINVAL);
+    /* pages ahead of the frontiers: some the first time, none again */
+    uint64_t marks[2] = { 0, 0 };
+    CHECK(shmprom_zone_populate_ahead(z, 1, 65536, 1000, marks, err, sizeof err) >= 0);
+    CHECK(marks[0] > 0 && marks[1] > 0);
+    CHECK(shmprom_zone_populate_ahead(z, 1, 65536, 1000, marks, err, sizeof err) == 0);
+    CHECK(shmprom_zone_populate_ahead(z, 1, 65536, 1000, NULL, err, sizeof err) == SHMPROM_EINVAL);
+    CHECK(strstr(err, "marks") != NULL);
     CHECK(shmprom_cell_get(z, (uint32_t)fam, (uint64_t)cell, 0) == 42.0);
     printf("ok\n");
     return 0;

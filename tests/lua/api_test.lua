@@ -258,6 +258,12 @@ do
     assert(m.prefault_part == "table", tostring(m.prefault_part))
     local off = shmprom.new{ zone = "lua-prefault-off", size = "1m", prefault = false }
     assert(off.prefault == nil and off.prefault_part == nil, "no prefault when told not to")
+    -- pages kept ahead of the frontiers: a 64th of the zone by default,
+    -- none with prefault = false (unless asked) or true (all there)
+    assert(m.ahead_bytes == 4 * 1048576 / 64, tostring(m.ahead_bytes))
+    assert(off.ahead_bytes == 0 and pf.ahead_bytes == 0)
+    assert(shmprom.new{ zone = "lua-ahead", size = "1m", prefault = false,
+                        prefault_ahead = "64k" }.ahead_bytes == 65536)
 end
 
 assert(m:check())

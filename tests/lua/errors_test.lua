@@ -40,6 +40,10 @@ at_caller("'size' must be", function() shmprom.new{ zone = "x", size = "lots" } 
 at_caller("below the minimum", function() shmprom.new{ zone = "tiny", size = 1024 } end)
 at_caller("'prefault' must be true, false or \"table\"", function() shmprom.new{ zone = "pf", prefault = "yes" } end)
 at_caller("'prefault' must be true, false or \"table\"", function() shmprom.new{ zone = "pf", prefault = 1 } end)
+for _, bad in ipairs({ "lots", -1, 1.5, true }) do
+    at_caller("'prefault_ahead' must be false, a number of bytes or a string such as \"4m\"",
+              function() shmprom.new{ zone = "pfa", prefault_ahead = bad } end)
+end
 at_caller("'cells_per_series' must be a number from 1 to 1024", function() shmprom.new{ zone = "cps", cells_per_series = 0.5 } end)
 at_caller("'cells_per_series' must be a number from 1 to 1024", function() shmprom.new{ zone = "cps", cells_per_series = 0/0 } end)
 at_caller("'cells_per_series' must be a number from 1 to 1024", function() shmprom.new{ zone = "cps", cells_per_series = "21" } end)

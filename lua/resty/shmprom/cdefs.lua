@@ -62,6 +62,9 @@ int64_t shmprom_sweep(shmprom_zone *z, uint32_t ttl_secs);
 void shmprom_zone_set_grace(shmprom_zone *z, uint32_t secs);
 int shmprom_zone_prefault(shmprom_zone *z, uint32_t how, char *err,
                           size_t errlen);
+int64_t shmprom_zone_populate_ahead(shmprom_zone *z, uint32_t plane,
+                                    uint64_t ahead, uint64_t max_pages,
+                                    uint64_t *marks, char *err, size_t errlen);
 int shmprom_check(shmprom_zone *z, char *err, size_t errlen);
 /* The gateway preset's recorder, for the nginx module (nginx-module/). */
 typedef struct shmprom_gw shmprom_gw;

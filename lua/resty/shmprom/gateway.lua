@@ -152,10 +152,11 @@ local function classify(method, depth)
 end
 _M.classify = classify
 
--- zone, size, lib, path, planes and prefault go to shmprom.new as they are
+-- zone, size, lib, path, planes, prefault, prefault_ahead and
+-- cells_per_series go to shmprom.new as they are
 local OPTION_NAMES = {
     zone = true, size = true, lib = true, path = true, planes = true,
-    prefault = true,
+    prefault = true, prefault_ahead = true, cells_per_series = true,
     nodes = true,
     probe_interval = true, probe_timeout = true, probe_path = true,
     probe_method = true, module = true,
@@ -370,6 +371,8 @@ function _M.init(opts)
     local ok, m = pcall(shmprom.new, {
         zone = zone, size = opts.size or "64m", lib = opts.lib,
         path = opts.path, planes = opts.planes, prefault = opts.prefault,
+        prefault_ahead = opts.prefault_ahead,
+        cells_per_series = opts.cells_per_series,
     })
     if not ok then
         error("resty.shmprom.gateway: " .. tostring(m), 2)
