@@ -159,7 +159,7 @@ for my $round (1 .. 3) {
 }
 my @on = sort { $a <=> $b } @{ $faults{on} };
 my @off = sort { $a <=> $b } @{ $faults{off} };
-diag "page faults per 4000 new label sets: with the window @{ $faults{on} }, without @{ $faults{off} }";
+note "page faults per 4000 new label sets: with the window @{ $faults{on} }, without @{ $faults{off} }";
 # the rest of the faults are the worker's Lua heap (the label cache
 # growing), the same in both zones
 cmp_ok($off[1] - $on[1], '>=', 120,
