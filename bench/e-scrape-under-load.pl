@@ -131,7 +131,7 @@ $STALL_LOCATIONS
                     if d > longest then longest = d end
                     pieces = pieces + 1
                     off = off + k
-                    if off < n then ngx.flush(true) end
+                    if off < n then ngx.flush(true); ngx.sleep(0.001) end
                 end
                 lib.shmprom_render_release(handle[0])
                 local c2 = F.cpu_ns()
@@ -406,8 +406,9 @@ $md .= sprintf("\nWhat of one scrape (no load, %s bytes) runs on a worker's even
      . "step by the worker's CPU clock (diagnostic handler `/breakdown` repeating `m:collect()`'s "
      . "calls and its 256 KiB pieces; medians of %d): waiting for the render thread %.1f ms "
      . "(wall; the event loop is free meanwhile), then %d pieces of `ffi.string` + `ngx.print` "
-     . "taking %.1f ms in all, the longest %.2f ms, each followed by `ngx.flush(true)` (the "
-     . "worker serves others until the piece is sent); a full GC after the scrape %.1f ms.\n",
+     . "taking %.1f ms in all, the longest %.2f ms, each followed by `ngx.flush(true)` and "
+     . "`ngx.sleep(0.001)` (the worker serves others until the piece is sent, and for a timer's "
+     . "turn after); a full GC after the scrape %.1f ms.\n",
      fmt_num(median(@{ $bd{bytes} || [] })), scalar(@{ $bd{wait_ms} || [] }),
      median(@{ $bd{wait_ms} || [] }) // -1, median(@{ $bd{pieces} || [] }) // -1,
      median(@{ $bd{total_ms} || [] }) // -1, median(@{ $bd{longest_ms} || [] }) // -1,
