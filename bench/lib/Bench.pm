@@ -41,9 +41,12 @@ our $QUICK = $ENV{QUICK} ? 1 : 0;
 our $PEER = $ENV{PEER_LUA_PATH} || '';
 our $NGINX = $ENV{NGINX} || '/usr/sbin/nginx';
 our $MODULES = '/usr/lib/nginx/modules';
-our $WORK = $ENV{BENCH_WORK} || tempdir('shmprom-bench.XXXXXX', TMPDIR => 1, CLEANUP => 1);
+# A scratch directory of its own when run alone; none under `perl -c` ($^C:
+# a syntax check runs this but not the END block that would remove it)
+our $WORK = $ENV{BENCH_WORK}
+    || ($^C ? '/nonexistent/shmprom-bench' : tempdir('shmprom-bench.XXXXXX', TMPDIR => 1, CLEANUP => 1));
 our $OUT = $ENV{BENCH_OUT} || "$WORK/out";
-make_path($WORK, $OUT);
+make_path($WORK, $OUT) unless $^C;
 # workers must be able to write their prefix when we run as root
 our $USER_LINE = $> == 0 ? 'user root root;' : '';
 
