@@ -1450,7 +1450,8 @@ function Zone:collect(opts)
     if gz then
         ngx.header["Content-Encoding"] = "gzip"
     end
-    if len <= PRINT_CHUNK or ngx.req.http_version() < 1.1 then
+    local version = ngx.req.http_version() -- nil when nginx does not know it
+    if len <= PRINT_CHUNK or not version or version < 1.1 then
         ngx.print(ffi_string(ptr, len))
     else
         local off = 0
