@@ -757,7 +757,7 @@ impl Zone {
             if want <= from || left == 0 {
                 continue;
             }
-            let to = want.min(from + left * page);
+            let to = want.min(from.saturating_add(left.saturating_mul(page)));
             self.populate(from as usize, (to - from) as usize, PrefaultHow::Allocate)?;
             marks[r] = to;
             let n = (to - from) / page;
@@ -800,7 +800,7 @@ impl Zone {
         let end = off + len;
         let mut off = off;
         while off < end {
-            // SAFETY: off < len, so the word is inside the mapping; off is a
+            // SAFETY: off < end, inside the mapping; off is a
             // multiple of the page size, so the word is 8-aligned. Words of
             // the zone are updated by atomics or by aligned 8-byte stores,
             // which an atomic access of the same word never tears.

@@ -19,7 +19,8 @@ mod rules;
 pub use rules::*;
 
 /// Bumped whenever a function, a signature or a struct of the C ABI
-/// changes (4: shmprom_zone_prefault; 6: shmprom_rec_*).
+/// changes (4: shmprom_zone_prefault; 6: shmprom_rec_*; 7: the zone's
+/// cells_per_series; 8: shmprom_zone_populate_ahead).
 pub const SHMPROM_ABI_VERSION: u32 = 8;
 
 pub const SHMPROM_OK: c_int = 0;
