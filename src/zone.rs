@@ -500,17 +500,21 @@ impl Zone {
         }
     }
 
+    /// Byte offset from the base of cell `idx` of `plane`: the planes'
+    /// cell regions follow one another from cells_off, cells_cap cells of
+    /// 8 bytes each.
+    fn cell_offset(&self, plane: u64, idx: u64) -> u64 {
+        let h = self.header();
+        h.cells_off + (plane * h.cells_cap + idx) * 8
+    }
+
     /// Pointer to cell `idx` of `plane`.
     pub fn cell_ptr(&self, plane: u32, idx: u64) -> *mut u64 {
         let h = self.header();
         debug_assert!(plane < h.planes && idx < h.cells_cap);
         // SAFETY: plane < planes and idx < cells_cap keep the result inside
         // the cell region (planes x cells_cap x 8 bytes from cells_off).
-        unsafe {
-            self.base
-                .add((h.cells_off + (plane as u64 * h.cells_cap + idx) * 8) as usize)
-                as *mut u64
-        }
+        unsafe { self.base.add(self.cell_offset(plane as u64, idx) as usize) as *mut u64 }
     }
 
     /// Cell `idx` of `plane` as an atomic.
@@ -732,7 +736,7 @@ impl Zone {
         let cells_used = h.cells_used.load(Ordering::Relaxed).min(h.cells_cap);
         let keys_used = h.keys_used.load(Ordering::Relaxed).min(h.keys_cap);
         let plane = plane.min(h.planes.saturating_sub(1)) as u64;
-        let cells_start = h.cells_off + plane * h.cells_cap * 8;
+        let cells_start = self.cell_offset(plane, 0);
         let regions = [
             (cells_start, cells_used * 8, h.cells_cap * 8),
             (h.keys_off, keys_used, h.keys_cap),
