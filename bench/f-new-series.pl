@@ -23,6 +23,13 @@
 #          label sets first and then only these batches, so the pair
 #          measures prefault alone (the batch row's zone also takes the
 #          traffic's label sets, and its workers' label caches differ)
+#   batch-small
+#          the same loop into a fourth zone, prefault = true, sized for the
+#          label sets it will hold (the 10k old ones and one batch a round,
+#          with a fifth to spare): its table's slot array is a few MiB
+#          instead of 113 MiB, so the loop's slot reads stay in cache and
+#          TLB; not judged: what a table sized to its live series (instead
+#          of to the zone's capacity) would take off the batch
 #   batch-bare
 #          the same loop with no metrics library: each label set's string
 #          and table built the same way, the string put into a per-worker
@@ -46,9 +53,15 @@ my $STALL_LOCATIONS = stall_locations();
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
-my @MODES = qw(old new batch batch-plain batch-prefault batch-bare);
+my @MODES = qw(old new batch batch-plain batch-prefault batch-small batch-bare);
 my $NEW = 10_000;
 my $TARGET = 10;    # ms
+# batch-small's zone: room for the 10k old counter and histogram label sets
+# and one batch a round, a fifth to spare. With cells_per_series = 21 and 3
+# planes (2 workers and the shared one) the zone budgets 551 bytes per
+# series, 16/15 of that per series its table takes (Layout::compute_for)
+my $SMALL_MB = int((($ROUNDS + 2) * $NEW * 551 * 16 / 15 * 1.2) / (1 << 20)) + 1;
+$SMALL_MB = 16 if $SMALL_MB < 16;
 
 my ($port, $cport) = free_ports(2);
 my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
@@ -60,6 +73,9 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
         bench_c, bench_h = F.families(bench_m, "bench_f", "path")
         bench_q = shmprom.new{ zone = "bench_f_plain", size = "512m", prefault = false }
         bench_qc, bench_qh = F.families(bench_q, "bench_f", "path")
+        bench_s = shmprom.new{ zone = "bench_f_small", size = "${SMALL_MB}m", prefault = true,
+                               cells_per_series = 21 }
+        bench_sc, bench_sh = F.families(bench_s, "bench_f", "path")
         local t0 = F.mono_ns()
         bench_p = shmprom.new{ zone = "bench_f_pf", size = "512m", prefault = true }
         bench_pf_ms = (F.mono_ns() - t0) / 1e6
@@ -69,6 +85,7 @@ my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
     init_worker_by_lua_block {
         bench_m:init_worker()
         bench_q:init_worker()
+        bench_s:init_worker()
         local F = require "shmprom_bench.fill"
         local t0 = F.mono_ns()
         bench_p:init_worker()
@@ -99,7 +116,7 @@ $STALL_LOCATIONS
             content_by_lua_block {
                 local F = require "shmprom_bench.fill"
                 local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
-                local h = ({ pf = bench_ph, plain = bench_qh })[ngx.var.arg_zone or ""]
+                local h = ({ pf = bench_ph, plain = bench_qh, small = bench_sh })[ngx.var.arg_zone or ""]
                           or bench_h
                 local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
                 local failed = 0
@@ -119,7 +136,7 @@ $STALL_LOCATIONS
                     failed = failed, worker = ngx.worker.id() }))
             }
         }
-        # the plain and prefault zones get the 10k old label sets the
+        # the plain, prefault and small zones get the 10k old label sets the
         # warm-up gives the first zone; tells what prefaulting cost
         location = /pf/warm {
             content_by_lua_block {
@@ -129,6 +146,8 @@ $STALL_LOCATIONS
                     assert(bench_qh:observe(0.001, { path }))
                     assert(bench_pc:inc(1, { path, 200 }))
                     assert(bench_ph:observe(0.001, { path }))
+                    assert(bench_sc:inc(1, { path, 200 }))
+                    assert(bench_sh:observe(0.001, { path }))
                 end
                 local d = ngx.shared.stall
                 ngx.say(require("shmprom_bench.json").encode({
@@ -139,6 +158,7 @@ $STALL_LOCATIONS
         location = /metrics { content_by_lua_block { bench_m:collect() } }
         location = /pf/metrics { content_by_lua_block { bench_p:collect() } }
         location = /plain/metrics { content_by_lua_block { bench_q:collect() } }
+        location = /small/metrics { content_by_lua_block { bench_s:collect() } }
     }
 }
 EOC
@@ -221,18 +241,23 @@ sub run_rounds {
 }
 my %runs = %{ run_rounds('shmprom', $port, $cport,
                          sub { { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain',
+                                 'batch-small' => '&zone=small',
                                  'batch-bare' => '&zone=bare' }->{ $_[0] } // '' },
                          @MODES) };
 # every new label set went in
 my (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/metrics", 60);
 my ($series_c) = $m =~ /^shmprom_series\{family="bench_f_requests_total"\} (\S+)$/m;
 my ($series_h) = $m =~ /^shmprom_series\{family="bench_f_duration_seconds"\} (\S+)$/m;
+# the slot arrays' sizes, MiB (16-byte slots, capacity 15/16 of them)
+my %slots_mib;
+($slots_mib{first}) = map { $_ * 16 / 15 * 16 / (1 << 20) } $m =~ /^shmprom_series_capacity (\S+)$/m;
 my ($dropped) = 0;
 $dropped += $1 while $m =~ /^shmprom_series_dropped_total\{family="bench_f_[^"]+"\} (\S+)$/mg;
 my %series2;
-for my $z (qw(plain pf)) {
+for my $z (qw(plain pf small)) {
     (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/$z/metrics", 60);
     ($series2{$z}) = $m =~ /^shmprom_series\{family="bench_f_duration_seconds"\} (\S+)$/m;
+    ($slots_mib{$z}) = map { $_ * 16 / 15 * 16 / (1 << 20) } $m =~ /^shmprom_series_capacity (\S+)$/m;
     $dropped += $1 while $m =~ /^shmprom_series_dropped_total\{family="bench_f_[^"]+"\} (\S+)$/mg;
 }
 nginx_stop($nx);
@@ -326,7 +351,7 @@ sub row {
     my $wall_med = median(map { $_->{wall_max} } @rs);
     my (undef, $wall_worst) = minmax(map { $_->{wall_max} } @rs);
     my $target = '';
-    if ($judge && $mode ne 'old' && $mode ne 'batch-bare') {
+    if ($judge && $mode ne 'old' && $mode ne 'batch-bare' && $mode ne 'batch-small') {
         $target = "<= $TARGET ms (median of runs): " . ($busy_med <= $TARGET ? 'met'
             : sprintf('MISSED by %.1f ms', $busy_med - $TARGET));
     }
@@ -354,7 +379,7 @@ for my $mode (@MODES) {
     my @rs = @{ $runs{$mode} };
     my ($row, $busy_med, $busy_worst, $wall_worst) = row(\%runs, $mode, 1);
     push @rows, $row;
-    if ($mode ne 'old' && $mode ne 'batch-plain' && $mode ne 'batch-bare') {
+    if ($mode ne 'old' && $mode ne 'batch-plain' && $mode ne 'batch-bare' && $mode ne 'batch-small') {
         my @base = map { $_->{cpu_max} } @{ $runs{old} };
         my (undef, $base_worst) = minmax(@base);
         add_target("f-$mode", $mode eq 'new'
@@ -384,11 +409,14 @@ logmsg sprintf('(f) batch busy stall: %.1f ms without prefault (batch-plain), %.
                join(' ', map { sprintf '%.2f', $_ } @pf_ratio), median(@pf_loop_ratio),
                $summary{'batch busy_median'});
 
+logmsg sprintf('(f) batch-small (zone %dm) busy stall %.1f ms, batch-prefault %.1f ms',
+               $SMALL_MB, $summary{'batch-small busy_median'}, $summary{'batch-prefault busy_median'});
+
 my $cmd = $runs{old}[0]{wrk}{cmd};
 $cmd =~ s/:\d+\//:PORT\//;
 $cmd =~ s/\Q$REPO\E\///;
 my $md = "## (f) Creating 10k new label sets under load\n\n";
-$md .= "One nginx, 2 workers, zone 512m (and two more for the prefault comparison). Each request to `/p/ID` records, in log_by_lua, "
+$md .= "One nginx, 2 workers, zone 512m (and three more: two for the prefault comparison, one sized to its label sets). Each request to `/p/ID` records, in log_by_lua, "
      . "`bench_f_requests_total{path,status}` and `bench_f_duration_seconds{path}` (19 buckets) "
      . "through labels() handles cached per path. Stall detector: a 1 ms `ngx.timer.every` per "
      . "worker records the longest gap between two ticks in each run (bench/lua/shmprom_bench/"
@@ -405,6 +433,10 @@ $md .= "One nginx, 2 workers, zone 512m (and two more for the prefault compariso
      . "the same nginx that differ only in `prefault` (false / true), both given the same 10k old label "
      . "sets first and then only these batches: the pair isolates prefault (the batch row's zone also "
      . "takes the traffic's label sets, and the workers' label caches of its family differ); "
+     . "batch-small: the same loop into a fourth zone, `prefault = true`, sized for the label sets it "
+     . "gets (${SMALL_MB}m, `cells_per_series = 21`: the 10k old ones and one batch a round, a fifth to "
+     . "spare), not judged: its slot array is a few MiB against the 512m zones' 113, what a table "
+     . "sized to its live series rather than to the zone's capacity would give; "
      . "batch-bare: the same loop with no metrics library, not judged (each iteration builds the "
      . "same `{ \"/b/\" .. i }` and puts its string into a per-worker Lua table, emptied at the "
      . "size a family's label cache is emptied at; bench/lua/shmprom_bench/fill.lua bare_batch): "
@@ -432,9 +464,21 @@ $md .= sprintf("\nbatch-bare, the loop with no metrics library: longest busy sta
                $summary{'batch busy_median'}, median(map { $_->{batch_cpu_ms} } @{ $runs{batch} }),
                1000 * median(map { $_->{batch_cpu_ms} } @{ $runs{batch} }) / $NEW,
                1000 * median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-bare'} }) / $NEW);
+my @small_ratio = map { $runs{'batch-small'}[$_]{batch_cpu_ms} / $runs{'batch-prefault'}[$_]{batch_cpu_ms} }
+                  0 .. $ROUNDS - 1;
+$md .= sprintf("\nbatch-small against batch-prefault (both zones resident, the same 10k old label sets, "
+               . "then only their batches): slot arrays of %.1f and %.1f MiB; longest busy stall %.1f ms "
+               . "against %.1f ms; the loop's CPU time %.1f against %.1f ms (median of the per-round "
+               . "ratios %.2f; per round %s).\n",
+               $slots_mib{small} // 0, $slots_mib{pf} // 0,
+               $summary{'batch-small busy_median'}, $summary{'batch-prefault busy_median'},
+               median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-small'} }),
+               median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-prefault'} }), median(@small_ratio),
+               join(' ', map { sprintf '%.2f', $_ } @small_ratio));
 $md .= "\nAfter the runs the first zone holds " . fmt_num($series_c // 0) . " counter and "
-     . fmt_num($series_h // 0) . " histogram label sets, the plain and prefault zones "
-     . fmt_num($series2{plain} // 0) . " and " . fmt_num($series2{pf} // 0)
+     . fmt_num($series_h // 0) . " histogram label sets, the plain, prefault and small zones "
+     . fmt_num($series2{plain} // 0) . ", " . fmt_num($series2{pf} // 0) . " and "
+     . fmt_num($series2{small} // 0)
      . " histogram label sets; " . fmt_num($dropped) . " refused.\n\n";
 if ($PEER) {
     my @prows = map { (row(\%peer_runs, $_, 0))[0] } @PEER_MODES;
