@@ -7,6 +7,8 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
 use Time::HiRes qw(time);
+use POSIX qw(WNOHANG);
+use File::Spec;
 use ShmpromTest qw(wait_until parse_metrics metric_sum metric_value metric_series
                    format_series_key);
 
@@ -261,4 +263,45 @@ isnt($_, $n->master_pid, 'worker is not the master') for @w;
 }
 
 diag sprintf('000-harness.t total %.1f s', time - $t_start);
+# ------------------------------------------------- a test ended by a signal
+# A test process that starts an nginx and is then ended by TERM, or by
+# SIGPIPE when its output is cut off (`prove ... | head`), stops that nginx
+# on its way out.
+for my $sig (qw(TERM PIPE)) {
+    my $lib = File::Spec->catdir(ShmpromTest->repo, 't', 'lib');
+    my $code = <<'EOP';
+use ShmpromTest;
+my $n = ShmpromTest->new(workers => 1);
+$n->start;
+$| = 1;
+print "master ", $n->master_pid, " workers ", join(',', $n->worker_pids), " prefix ", $n->prefix, "\n";
+# the parent reads this line, then sends TERM or closes its end of the pipe;
+# bounded either way
+for (1 .. 600) { print "waiting\n"; select(undef, undef, undef, 0.1) }
+exit 0;
+EOP
+    my $pid = open(my $out, '-|', $^X, "-I$lib", '-e', $code) // die "fork: $!";
+    my $line = <$out> // '';
+    my ($master, $workers, $prefix) = $line =~ /^master (\d+) workers ([\d,]+) prefix (\S+)/;
+    ok($master && kill(0, $master), "$sig: the child test started nginx (master $master)") or diag $line;
+    my $status;
+    if ($sig eq 'TERM') {
+        kill 'TERM', $pid;
+        ok(wait_until(sub { my $r = waitpid($pid, WNOHANG); $status = $? if $r == $pid; $r == $pid || $r < 0 },
+                      timeout => 30), "$sig: the child test exited");
+        close $out;
+    } else {
+        # its next print raises SIGPIPE; close waits for it to exit
+        close $out;
+        $status = $?;
+        ok(!kill(0, $pid), "$sig: the child test exited");
+    }
+    my $signum = { TERM => 15, PIPE => 13 }->{$sig};
+    is(($status // 0) >> 8, 128 + $signum, "$sig: it exited with status 128 + $signum, through END");
+    ok(wait_until(sub { !kill(0, $master) || do { open my $f, '<', "/proc/$master/stat"; my $s = <$f> // ''; $s =~ /\) [ZX] / } },
+                  timeout => 10), "$sig: its nginx master $master is gone")
+        or kill 'KILL', $master, split /,/, $workers;
+    ok(!-d $prefix, "$sig: its prefix is removed");
+}
+
 done_testing;

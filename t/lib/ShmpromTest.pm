@@ -50,6 +50,28 @@ sub repo_root { $REPO }
 
 my %LIVE;    # refaddr => weak ref to every started instance, stopped in END
 
+# A test ended by a signal still stops the nginx it started: Ctrl-C, a
+# timeout's TERM, or SIGPIPE when its output is cut off (`prove ... | head`)
+# would otherwise end the process before END runs and leave nginx behind.
+# The handler exits instead, which runs END below (a forked child leaves at
+# once, as the harness's children always do). Handlers a test sets itself
+# are left alone.
+my $LOADER_PID = $$;
+{
+    my %num;
+    @num{ split ' ', $Config::Config{sig_name} } = split ' ', $Config::Config{sig_num}
+        if eval { require Config; 1 };
+    for my $sig (qw(INT TERM HUP PIPE)) {
+        next if ref $SIG{$sig} || ($SIG{$sig} // 'DEFAULT') ne 'DEFAULT';
+        my $code = 128 + ($num{$sig} // 1);
+        $SIG{$sig} = sub {
+            POSIX::_exit($code) if $$ != $LOADER_PID;
+            $SIG{PIPE} = 'IGNORE';    # END's own output may hit the closed pipe
+            exit $code;
+        };
+    }
+}
+
 # ---------------------------------------------------------------------------
 # generic helpers
 
