@@ -31,31 +31,17 @@ for t in valgrind callgrind_control curl perl nginx; do
 done
 [[ -f $REPO/target/release/libshmprom.so ]] || {
     echo "batch-callgrind: $REPO/target/release/libshmprom.so is missing (make build)" >&2; exit 1; }
-W=$(mktemp -d /tmp/shmprom-batchcg.XXXXXX)
-cleanup() { [[ -n ${KEEP:-} ]] || rm -rf "$W"; }
-trap cleanup EXIT
-mkdir -p "$W/logs"
 # shellcheck source=lib/callgrind.sh
 . "$HERE/bench/lib/callgrind.sh"
-user=
-[[ $(id -u) == 0 ]] && user='user root root;'
+cg_init batchcg
+CG_WARM=3
+CG_VALGRIND_OPTS=--cache-sim=yes
 
 conf() { # variant port
+    cg_conf_head "$1"
     cat <<EOF
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-$user
-master_process off;
-daemon off;
-worker_processes 1;
-pid $W/nginx-$1.pid;
-error_log $W/logs/$1.err notice;
-events { worker_connections 64; }
-http {
-    access_log off;
     lua_package_path "$REPO/lua/?.lua;$HERE/bench/lua/?.lua;;";
     lua_package_cpath "$REPO/target/release/?.so;;";
-    client_body_temp_path $W/body;
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         local F = require "shmprom_bench.fill"
@@ -98,31 +84,12 @@ printf '%-8s %10s %10s %10s %10s %10s   (per new label set)\n' variant instr "D1
 for v in bare observe; do
     port=$(free_port)
     conf "$v" "$port" >"$W/$v.conf"
-    url="http://127.0.0.1:$port/batch"
-    valgrind --tool=callgrind --cache-sim=yes --callgrind-out-file="$W/cg.$v" \
-        nginx -p "$W/" -c "$W/$v.conf" >"$W/vg-$v.log" 2>&1 &
-    vpid=$!
-    up=
-    for _ in $(seq 1 300); do
-        if curl -s -o /dev/null "$url"; then up=1; break; fi
-        sleep 0.2
-    done
-    if [[ -z $up ]]; then
-        echo "batch-callgrind: $v did not start:" >&2
-        tail -5 "$W/vg-$v.log" "$W/logs/$v.err" >&2
-        kill "$vpid"
-        exit 1
-    fi
-    cg_urls "$url" 3 >"$W/warm"; curl -s -K "$W/warm"
-    callgrind_control -z "$vpid" >/dev/null 2>&1
-    cg_urls "$url" "$BATCHES" >"$W/timed"; curl -s -K "$W/timed"
-    callgrind_control -d "$vpid" >/dev/null 2>&1
-    kill "$vpid"; wait "$vpid" 2>/dev/null || true
-    f=$(ls -t "$W"/cg."$v".* | head -n 1)
+    f=$(cg_run "$v" "http://127.0.0.1:$port/batch" "$BATCHES" "$W/logs/$v.err" -- \
+        -p "$W/" -c "$W/$v.conf") || exit 1
     read -r ir dr dw d1mr d1mw dlmr dlmw < <(cg_events "$f")
     per=$((BATCHES * N))
     printf '%-8s %10d %10.1f %10.1f %10.1f %10.1f\n' "$v" $((ir / per)) \
         "$(echo "$d1mr / $per" | bc -l)" "$(echo "$d1mw / $per" | bc -l)" \
         "$(echo "$dlmr / $per" | bc -l)" "$(echo "$dlmw / $per" | bc -l)"
-    [[ -n ${KEEP:-} ]] && echo "  (kept: $f)"
+    if [[ -n ${KEEP:-} ]]; then echo "  (kept: $f)"; fi
 done

@@ -23,15 +23,9 @@ done
 for f in target/release/libshmprom.so target/release/ngx_http_shmprom_module.so; do
     [[ -f $REPO/$f ]] || { echo "log-callgrind: $f is missing (make build)" >&2; exit 1; }
 done
-W=$(mktemp -d /tmp/shmprom-logcg.XXXXXX)
-cleanup() { [[ -n ${KEEP:-} ]] || rm -rf "$W"; }
-trap cleanup EXIT
-mkdir -p "$W/logs"
 # shellcheck source=lib/callgrind.sh
 . "$REPO/bench/lib/callgrind.sh"
-CG_DIR=$W
-user=
-[[ $(id -u) == 0 ]] && user='user root root;'
+cg_init logcg
 
 # the log phase of each variant
 log_code() {
@@ -46,22 +40,10 @@ log_code() {
 }
 
 conf() { # variant port
+    cg_conf_head "$1" "load_module $REPO/target/release/ngx_http_shmprom_module.so;"
     cat <<EOF
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-load_module $REPO/target/release/ngx_http_shmprom_module.so;
-$user
-master_process off;
-daemon off;
-worker_processes 1;
-pid $W/nginx-$1.pid;
-error_log $W/logs/$1.err notice;
-events { worker_connections 64; }
-http {
-    access_log off;
     lua_package_path "$REPO/lua/?.lua;$REPO/bench/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
     lua_package_cpath "$REPO/target/release/?.so;;";
-    client_body_temp_path $W/body;
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
         metrics = shmprom.new{ zone = "logcg", size = "16m" }
