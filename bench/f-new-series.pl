@@ -26,7 +26,7 @@
 #   batch-small
 #          the same loop into a fourth zone, prefault = true, sized for the
 #          label sets it will hold (the 10k old ones and one batch a round,
-#          with a fifth to spare): its table's slot array is a few MiB
+#          with a fifth to spare): its table's slot array is 1-2 MiB
 #          instead of 113 MiB, so the loop's slot reads stay in cache and
 #          TLB; not judged: what a table sized to its live series (instead
 #          of to the zone's capacity) would take off the batch
@@ -248,9 +248,9 @@ my %runs = %{ run_rounds('shmprom', $port, $cport,
 my (undef, undef, undef, $m) = http_get("http://127.0.0.1:$cport/metrics", 60);
 my ($series_c) = $m =~ /^shmprom_series\{family="bench_f_requests_total"\} (\S+)$/m;
 my ($series_h) = $m =~ /^shmprom_series\{family="bench_f_duration_seconds"\} (\S+)$/m;
-# the slot arrays' sizes, MiB (16-byte slots, capacity 15/16 of them)
+# the slot arrays' sizes of the other zones, MiB (16-byte slots, capacity
+# 15/16 of them)
 my %slots_mib;
-($slots_mib{first}) = map { $_ * 16 / 15 * 16 / (1 << 20) } $m =~ /^shmprom_series_capacity (\S+)$/m;
 my ($dropped) = 0;
 $dropped += $1 while $m =~ /^shmprom_series_dropped_total\{family="bench_f_[^"]+"\} (\S+)$/mg;
 my %series2;
@@ -435,7 +435,7 @@ $md .= "One nginx, 2 workers, zone 512m (and three more: two for the prefault co
      . "takes the traffic's label sets, and the workers' label caches of its family differ); "
      . "batch-small: the same loop into a fourth zone, `prefault = true`, sized for the label sets it "
      . "gets (${SMALL_MB}m, `cells_per_series = 21`: the 10k old ones and one batch a round, a fifth to "
-     . "spare), not judged: its slot array is a few MiB against the 512m zones' 113, what a table "
+     . "spare), not judged: its slot array is 1-2 MiB against the 512m zones' 113, what a table "
      . "sized to its live series rather than to the zone's capacity would give; "
      . "batch-bare: the same loop with no metrics library, not judged (each iteration builds the "
      . "same `{ \"/b/\" .. i }` and puts its string into a per-worker Lua table, emptied at the "
