@@ -62,6 +62,8 @@ my $TARGET = 10;    # ms
 # series, 16/15 of that per series its table takes (Layout::compute_for)
 my $SMALL_MB = int((($ROUNDS + 2) * $NEW * 551 * 16 / 15 * 1.2) / (1 << 20)) + 1;
 $SMALL_MB = 16 if $SMALL_MB < 16;
+# a larger one by hand: BENCH_F_SMALL_MB=136 (a 4 MiB slot array)
+$SMALL_MB = $1 if ($ENV{BENCH_F_SMALL_MB} // '') =~ /^(\d+)$/ && $1 > $SMALL_MB;
 
 my ($port, $cport) = free_ports(2);
 my $conf = conf_head(workers => 2, conns => 1024) . <<"EOC";
