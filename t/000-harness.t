@@ -262,7 +262,6 @@ isnt($_, $n->master_pid, 'worker is not the master') for @w;
     ok(!$bad->is_running, 'nothing left running');
 }
 
-diag sprintf('000-harness.t total %.1f s', time - $t_start);
 # ------------------------------------------------- a test ended by a signal
 # A test process that starts an nginx and is then ended by TERM, or by
 # SIGPIPE when its output is cut off (`prove ... | head`), stops that nginx
@@ -304,4 +303,5 @@ EOP
     ok(!-d $prefix, "$sig: its prefix is removed");
 }
 
+diag sprintf('000-harness.t total %.1f s', time - $t_start);
 done_testing;
