@@ -295,7 +295,7 @@ EOP
         $status = $?;
         ok(!kill(0, $pid), "$sig: the child test exited");
     }
-    my $signum = { TERM => 15, PIPE => 13 }->{$sig};
+    my $signum = POSIX->can("SIG$sig")->();
     is(($status // 0) >> 8, 128 + $signum, "$sig: it exited with status 128 + $signum, through END");
     ok(wait_until(sub { !kill(0, $master) || do { open my $f, '<', "/proc/$master/stat"; my $s = <$f> // ''; $s =~ /\) [ZX] / } },
                   timeout => 10), "$sig: its nginx master $master is gone")

@@ -19,7 +19,7 @@ use IO::Socket::INET;
 use IO::Select;
 use IO::Uncompress::Gunzip qw(gunzip $GunzipError);
 use Time::HiRes qw(time);
-use ShmpromTest qw(parse_metrics repo_root);
+use ShmpromTest qw(parse_metrics repo_root dechunk);
 
 my $LIB = repo_root() . '/target/release/libshmprom.so';
 plan skip_all => "core library not built ($LIB missing; run make build)" unless -e $LIB;
@@ -81,20 +81,6 @@ sub send_req {
     return $s;
 }
 
-# the body of a chunked response (dies on a malformed one)
-sub dechunk {
-    my ($in) = @_;
-    my $out = '';
-    while ($in =~ s/\A([0-9a-fA-F]+)\r\n//) {
-        my $len = hex $1;
-        last if $len == 0;
-        die "short chunk" if length($in) < $len + 2;
-        $out .= substr($in, 0, $len, '');
-        $in =~ s/\A\r\n// or die "chunk without CRLF";
-    }
-    return $out;
-}
-
 # a whole response read from a socket
 sub read_all {
     my ($s) = @_;
@@ -131,7 +117,8 @@ for my $case (['plain', ''], ['gzip', "Accept-Encoding: gzip\r\n"]) {
     my ($what, $hdr) = @$case;
     my ($a, $b) = scrape_with_ping($hdr);
     my ($ahead, $abody) = split /\r\n\r\n/, $a, 2;
-    $abody = dechunk($abody) if $ahead =~ /^Transfer-Encoding: chunked\r?$/mi;
+    $abody = dechunk($abody) // die "$what: malformed chunked body"
+        if $ahead =~ /^Transfer-Encoding: chunked\r?$/mi;
     note "$what: " . length($abody) . " bytes sent";
     like($ahead, qr{^HTTP/1\.1 200}, "$what: the scrape answered 200");
     if ($what eq 'gzip') {
@@ -146,7 +133,8 @@ for my $case (['plain', ''], ['gzip', "Accept-Encoding: gzip\r\n"]) {
     my @lines = grep { /^t079_requests_total\{/ } split /\n/, $abody;
     is(scalar @lines, $SERIES, "$what: every series once");
     my ($bhead, $bbody) = split /\r\n\r\n/, $b, 2;
-    $bbody = dechunk($bbody) if ($bhead // '') =~ /^Transfer-Encoding: chunked\r?$/mi;
+    $bbody = dechunk($bbody) // die "$what: malformed chunked /ping body"
+        if ($bhead // '') =~ /^Transfer-Encoding: chunked\r?$/mi;
     ok($bhead =~ m{^HTTP/1\.1 200} && $bbody eq "pong\n", "$what: /ping answered 200");
     my ($ping, $done) = split ' ', $n->get('/order')->{content};
     ok($ping =~ /^\d+$/ && $done =~ /^\d+$/ && $ping < $done,

@@ -40,7 +40,7 @@ use Socket qw(SOL_SOCKET SO_RCVTIMEO SO_SNDTIMEO IPPROTO_TCP TCP_NODELAY);
 use Time::HiRes qw(time sleep);
 
 our @EXPORT_OK = qw(wait_until parse_metrics metric_sum metric_value metric_series
-                    escape_label_value format_series_key repo_root);
+                    escape_label_value format_series_key repo_root dechunk);
 
 our $NGINX      = $ENV{SHMPROM_NGINX}       || '/usr/sbin/nginx';
 our $MODULE_DIR = $ENV{SHMPROM_NGINX_MODDIR} || '/usr/lib/nginx/modules';
@@ -57,19 +57,14 @@ my %LIVE;    # refaddr => weak ref to every started instance, stopped in END
 # once, as the harness's children always do). Handlers a test sets itself
 # are left alone.
 my $LOADER_PID = $$;
-{
-    my %num;
-    @num{ split ' ', $Config::Config{sig_name} } = split ' ', $Config::Config{sig_num}
-        if eval { require Config; 1 };
-    for my $sig (qw(INT TERM HUP PIPE)) {
-        next if ref $SIG{$sig} || ($SIG{$sig} // 'DEFAULT') ne 'DEFAULT';
-        my $code = 128 + ($num{$sig} // 1);
-        $SIG{$sig} = sub {
-            POSIX::_exit($code) if $$ != $LOADER_PID;
-            $SIG{PIPE} = 'IGNORE';    # END's own output may hit the closed pipe
-            exit $code;
-        };
-    }
+for my $sig (qw(INT TERM HUP PIPE)) {
+    next if ref $SIG{$sig} || ($SIG{$sig} // 'DEFAULT') ne 'DEFAULT';
+    my $code = 128 + POSIX->can("SIG$sig")->();
+    $SIG{$sig} = sub {
+        POSIX::_exit($code) if $$ != $LOADER_PID;
+        $SIG{PIPE} = 'IGNORE';    # END's own output may hit the closed pipe
+        exit $code;
+    };
 }
 
 # ---------------------------------------------------------------------------
@@ -714,17 +709,25 @@ sub _raw_request {
     my $body = substr($buf, $he + 4);
     $body = '' if $method eq 'HEAD';
     if (($hdr{'transfer-encoding'} // '') =~ /chunked/i) {
-        my $out = '';
-        while ($body =~ s/^([0-9a-fA-F]+)[^\r\n]*\r\n//) {
-            my $len = hex $1;
-            last if $len == 0;
-            $out .= substr($body, 0, $len, '');
-            $body =~ s/^\r\n//;
-        }
-        $body = $out;
+        $body = dechunk($body) // return $fail->('malformed chunked body');
     }
     return { status => $code, reason => $reason, headers => \%hdr, content => $body,
              success => $code =~ /^2/ ? 1 : '' };
+}
+
+# dechunk($body): the body of a chunked response, or undef when a chunk is
+# short or not followed by CRLF (nginx sends no chunk extensions)
+sub dechunk {
+    my ($in) = @_;
+    my $out = '';
+    while ($in =~ s/\A([0-9a-fA-F]+)\r\n//) {
+        my $len = hex $1;
+        last if $len == 0;
+        return undef if length($in) < $len + 2;
+        $out .= substr($in, 0, $len, '');
+        $in =~ s/\A\r\n// or return undef;
+    }
+    return $out;
 }
 
 # ---------------------------------------------------------------------------
