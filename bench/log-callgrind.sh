@@ -14,6 +14,10 @@
 # access_log off), counted by bench/lib/callgrind.sh's cg_count (1000
 # warm-up GETs over one keepalive connection, then REQUESTS counted ones);
 # the metrics and log functions are (b)'s, bench/lua/shmprom_bench/readme.lua.
+# The `*_ngxvar` variants are (b)'s rows of the same names, nginx-lua-
+# prometheus's README code shape (four `ngx.var` reads, label values in a
+# table built per call, inline); with PEER_LUA_PATH naming a checkout of
+# nginx-lua-prometheus, `peer_readme` runs that code with the peer.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 N=${1:-3000}
@@ -36,13 +40,31 @@ log_code() {
         vars) echo 'log_by_lua_block { log_vars() }' ;;
         readme) echo 'log_by_lua_block { log_request() }' ;;
         module) echo 'shmprom_inc nginx_http_requests_total host=$host status=$status; shmprom_observe nginx_http_request_duration_seconds $request_time host=$host;' ;;
+        vars_ngxvar) echo 'log_by_lua_block { local host, status = ngx.var.server_name, ngx.var.status; local rt, host2 = tonumber(ngx.var.request_time), ngx.var.server_name }' ;;
+        readme_ngxvar) echo 'log_by_lua_block { metric_requests:inc(1, {ngx.var.server_name, ngx.var.status}); metric_latency:observe(tonumber(ngx.var.request_time), {ngx.var.server_name}) }' ;;
+        peer_readme) echo 'log_by_lua_block { peer_requests:inc(1, {ngx.var.server_name, ngx.var.status}); peer_latency:observe(tonumber(ngx.var.request_time), {ngx.var.server_name}) }' ;;
     esac
 }
+
+PEER=${PEER_LUA_PATH:-}
+PEER_PATH= PEER_HTTP= PEER_INIT=
+if [[ -n $PEER ]]; then
+    [[ -f $PEER/prometheus.lua ]] || { echo "log-callgrind: no prometheus.lua in $PEER" >&2; exit 1; }
+    PEER_PATH="$PEER/?.lua;"
+    PEER_HTTP='lua_shared_dict peer_metrics 16m;'
+    # the peer's metrics as bench (b) defines them
+    PEER_INIT='peer_prom = require("prometheus").init("peer_metrics")
+        peer_requests = peer_prom:counter("nginx_http_requests_total",
+            "Number of HTTP requests", {"host", "status"})
+        peer_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
+            "HTTP request latency", {"host"}, require("shmprom_bench.readme").BUCKETS)'
+fi
 
 conf() { # variant port
     cg_conf_head "$1" "load_module $REPO/target/release/ngx_http_shmprom_module.so;"
     cat <<EOF
-    lua_package_path "$REPO/lua/?.lua;$REPO/bench/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
+    $PEER_HTTP
+    lua_package_path "$REPO/lua/?.lua;$REPO/bench/lua/?.lua;$PEER_PATH/usr/share/lua/5.1/?.lua;;";
     lua_package_cpath "$REPO/target/release/?.so;;";
     init_by_lua_block {
         local shmprom = require "resty.shmprom"
@@ -51,7 +73,10 @@ conf() { # variant port
         metric_requests, metric_latency, log_request, log_vars =
             require("shmprom_bench.readme").setup(metrics)
     }
-    init_worker_by_lua_block { metrics:init_worker() }
+    init_worker_by_lua_block {
+        metrics:init_worker()
+        $PEER_INIT
+    }
     server {
         listen 127.0.0.1:$2;
         server_name bench;
@@ -63,7 +88,9 @@ EOF
 }
 
 declare -A IR
-for v in plain vars_inline readme_inline vars readme module; do
+VARIANTS=(plain vars_inline readme_inline vars readme module vars_ngxvar readme_ngxvar)
+[[ -n $PEER ]] && VARIANTS+=(peer_readme)
+for v in "${VARIANTS[@]}"; do
     port=$(free_port)
     conf "$v" "$port" >"$W/$v.conf"
     ir=$(cg_count "$v" "http://127.0.0.1:$port/" "$N" "$W/logs/$v.err" -- \
