@@ -30,6 +30,11 @@
 #          instead of 113 MiB, so the loop's slot reads stay in cache and
 #          TLB; not judged: what a table sized to its live series (instead
 #          of to the zone's capacity) would take off the batch
+#   batch-sliced
+#          the batch loop into the first zone in 10 slices of 1,000 label
+#          sets with ngx.sleep(0.001) between them, as README.md advises
+#          for code that must create many label sets at once; not judged:
+#          what slicing bounds the stall to, and what it costs in time
 #   batch-bare
 #          the same loop with no metrics library: each label set's string
 #          and table built the same way, the string put into a per-worker
@@ -53,7 +58,9 @@ my $STALL_LOCATIONS = stall_locations();
 
 my $SECS = $ENV{BENCH_SECS} || ($QUICK ? 3 : 6);
 my $ROUNDS = $ENV{BENCH_ROUNDS} || ($QUICK ? 3 : 5);
-my @MODES = qw(old new batch batch-plain batch-prefault batch-small batch-bare);
+my @MODES = qw(old new batch batch-plain batch-prefault batch-small batch-sliced batch-bare);
+# batch-sliced: label sets per slice
+my $SLICE = 1_000;
 my $NEW = 10_000;
 my $TARGET = 10;    # ms
 # batch-small's zone: room for the 10k old counter and histogram label sets
@@ -122,7 +129,29 @@ $STALL_LOCATIONS
                           or bench_h
                 local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
                 local failed = 0
-                if ngx.var.arg_zone == "bare" then
+                local slice = tonumber(ngx.var.arg_slice)
+                if slice then
+                    -- CPU time and faults of the slices only: between two,
+                    -- the worker serves other requests on the same clock
+                    local cpu, faults = 0, 0
+                    local i, last = base, base + n - 1
+                    while i <= last do
+                        local c1, f1 = F.cpu_ns(), F.thread_faults()
+                        for j = i, math.min(i + slice - 1, last) do
+                            local ok = h:observe(0.01, { "/b/" .. j })
+                            if not ok then failed = failed + 1 end
+                        end
+                        cpu = cpu + (F.cpu_ns() - c1)
+                        faults = faults + (f1 and F.thread_faults() - f1 or 0)
+                        i = i + slice
+                        if i <= last then
+                            ngx.sleep(0.001)
+                        end
+                    end
+                    -- so that the sums below are the slices' own
+                    c0 = F.cpu_ns() - cpu
+                    f0 = f0 and F.thread_faults() - faults
+                elseif ngx.var.arg_zone == "bare" then
                     F.bare_batch(base, n)
                 else
                     for i = base, base + n - 1 do
@@ -243,7 +272,7 @@ sub run_rounds {
 }
 my %runs = %{ run_rounds('shmprom', $port, $cport,
                          sub { { 'batch-prefault' => '&zone=pf', 'batch-plain' => '&zone=plain',
-                                 'batch-small' => '&zone=small',
+                                 'batch-small' => '&zone=small', 'batch-sliced' => "&slice=$SLICE",
                                  'batch-bare' => '&zone=bare' }->{ $_[0] } // '' },
                          @MODES) };
 # every new label set went in
@@ -353,7 +382,7 @@ sub row {
     my $wall_med = median(map { $_->{wall_max} } @rs);
     my (undef, $wall_worst) = minmax(map { $_->{wall_max} } @rs);
     my $target = '';
-    if ($judge && $mode ne 'old' && $mode ne 'batch-bare' && $mode ne 'batch-small') {
+    if ($judge && $mode !~ /^(old|batch-bare|batch-small|batch-sliced)$/) {
         $target = "<= $TARGET ms (median of runs): " . ($busy_med <= $TARGET ? 'met'
             : sprintf('MISSED by %.1f ms', $busy_med - $TARGET));
     }
@@ -381,7 +410,7 @@ for my $mode (@MODES) {
     my @rs = @{ $runs{$mode} };
     my ($row, $busy_med, $busy_worst, $wall_worst) = row(\%runs, $mode, 1);
     push @rows, $row;
-    if ($mode ne 'old' && $mode ne 'batch-plain' && $mode ne 'batch-bare' && $mode ne 'batch-small') {
+    if ($mode !~ /^(old|batch-plain|batch-bare|batch-small|batch-sliced)$/) {
         my @base = map { $_->{cpu_max} } @{ $runs{old} };
         my (undef, $base_worst) = minmax(@base);
         add_target("f-$mode", $mode eq 'new'
@@ -439,6 +468,10 @@ $md .= "One nginx, 2 workers, zone 512m (and three more: two for the prefault co
      . "gets (${SMALL_MB}m, `cells_per_series = 21`: the 10k old ones and one batch a round, a fifth to "
      . "spare), not judged: its slot array is 1-2 MiB against the 512m zones' 113, what a table "
      . "sized to its live series rather than to the zone's capacity would give; "
+     . "batch-sliced: the batch row's loop into the first zone in slices of " . fmt_num($SLICE)
+     . " label sets with `ngx.sleep(0.001)` between them (README.md, family:labels), not judged: "
+     . "what slicing bounds a worker's stall to (its batch column: wall time from the first slice "
+     . "to the last, CPU time and page faults of the slices alone); "
      . "batch-bare: the same loop with no metrics library, not judged (each iteration builds the "
      . "same `{ \"/b/\" .. i }` and puts its string into a per-worker Lua table, emptied at the "
      . "size a family's label cache is emptied at; bench/lua/shmprom_bench/fill.lua bare_batch): "
@@ -477,6 +510,15 @@ $md .= sprintf("\nbatch-small against batch-prefault (both zones resident, the s
                median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-small'} }),
                median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-prefault'} }), median(@small_ratio),
                join(' ', map { sprintf '%.2f', $_ } @small_ratio));
+$md .= sprintf("\nbatch-sliced, the same 10k label sets in %d slices of %s with `ngx.sleep(0.001)` between: "
+               . "longest busy stall %.1f ms (worst run %.1f) against %.1f ms for the batch row in one loop; "
+               . "from the first slice to the last %.1f ms instead of %.1f (median), the slices' CPU "
+               . "%.1f ms against the loop's %.1f.\n",
+               $NEW / $SLICE, fmt_num($SLICE), $summary{'batch-sliced busy_median'},
+               $summary{'batch-sliced busy_worst'}, $summary{'batch busy_median'},
+               $summary{'batch-sliced batch_ms'}, $summary{'batch batch_ms'},
+               median(map { $_->{batch_cpu_ms} } @{ $runs{'batch-sliced'} }),
+               median(map { $_->{batch_cpu_ms} } @{ $runs{batch} }));
 $md .= "\nAfter the runs the first zone holds " . fmt_num($series_c // 0) . " counter and "
      . fmt_num($series_h // 0) . " histogram label sets, the plain, prefault and small zones "
      . fmt_num($series2{plain} // 0) . ", " . fmt_num($series2{pf} // 0) . " and "

@@ -3,7 +3,8 @@
 # from the README, only its ports (80, 9145, the upstream's 8000) are moved
 # to free ones; 300 proxied requests with three statuses are counted exactly
 # by host and status, observed in the latency histogram, and none is left
-# in flight.
+# in flight. Then family:labels's create_all example (creating many label
+# sets in slices) runs as written and creates every label set it is given.
 use strict;
 use warnings;
 use FindBin;
@@ -75,4 +76,54 @@ is(metric_value($p, 'http_requests_in_flight'), 0, 'none in flight');
 my @bad = $n->error_lines;
 is(scalar @bad, 0, 'no error lines') or diag join "\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)];
 ok($n->stop, 'nginx stops');
+
+# family:labels's "Creating many label sets at once": its create_all runs as
+# written in a content handler, yields between slices and creates every
+# label set it is given
+my ($many) = $readme =~ /^\*\*Creating many label sets at once\*\*.*?```lua\n(.*?)^```/ms;
+ok($many, 'README.md has the create_all example');
+$many //= '';
+like($many, qr/ngx\.sleep\(0\.001\)/, 'it pauses between slices');
+my $N = 3_500;
+my $m = ShmpromTest->new(
+    workers => 1,
+    init    => <<'LUA',
+        local shmprom = require "resty.shmprom"
+        many_m = shmprom.new{ zone = "readme_many", size = "16m" }
+        many_h = many_m:histogram("readme_many_seconds", "slices", { "node", "op" })
+        sleeps = 0
+LUA
+    init_worker => 'many_m:init_worker()',
+    server      => <<"NGX",
+        location = /create {
+            content_by_lua_block {
+$many
+                local sets = {}
+                for i = 1, $N do
+                    sets[i] = { "node" .. i, "read" }
+                end
+                local sleep = ngx.sleep
+                ngx.sleep = function(t) sleeps = sleeps + 1; return sleep(t) end
+                create_all(many_h, sets)
+                ngx.sleep = sleep
+                ngx.say("slept ", sleeps)
+            }
+        }
+        location = /metrics { content_by_lua_block { many_m:collect() } }
+NGX
+);
+$m->start_ok('nginx starts with the create_all example');
+my $r = $m->get('/create');
+is($r->{status}, 200, 'create_all answers 200');
+like($r->{body} // '', qr/^slept 3$/m, 'it slept between its slices: 3 pauses for 3,500 label sets');
+$r = $m->get('/metrics');
+my $q = eval { parse_metrics($r->{body}) } || { samples => {}, list => [] };
+is(metric_value($q, 'shmprom_series', family => 'readme_many_seconds'), $N,
+   "all $N label sets created");
+my @errs = ShmpromTest::metric_series($q, 'shmprom_errors_total');
+ok(@errs > 0, 'the zone exports shmprom_errors_total');
+is(metric_sum($q, 'shmprom_errors_total'), 0, 'no error counted');
+@bad = $m->error_lines;
+is(scalar @bad, 0, 'no error lines') or diag join "\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)];
+ok($m->stop, 'nginx stops');
 done_testing;
