@@ -127,43 +127,40 @@ $STALL_LOCATIONS
                 local base, n = tonumber(ngx.var.arg_base), tonumber(ngx.var.arg_n)
                 local h = ({ pf = bench_ph, plain = bench_qh, small = bench_sh })[ngx.var.arg_zone or ""]
                           or bench_h
-                local t0, c0, f0 = F.mono_ns(), F.cpu_ns(), F.thread_faults()
-                local failed = 0
-                local slice = tonumber(ngx.var.arg_slice)
-                if slice then
-                    -- CPU time and faults of the slices only: between two,
-                    -- the worker serves other requests on the same clock
-                    local cpu, faults = 0, 0
-                    local i, last = base, base + n - 1
-                    while i <= last do
-                        local c1, f1 = F.cpu_ns(), F.thread_faults()
-                        for j = i, math.min(i + slice - 1, last) do
-                            local ok = h:observe(0.01, { "/b/" .. j })
+                local t0 = F.mono_ns()
+                -- the CPU time and page faults of the loop's own stretches:
+                -- between two slices the worker serves other requests on
+                -- the same clocks (nil faults: not counted here)
+                local failed, cpu, faults = 0, 0, 0
+                local function timed(fn, ...)
+                    local c1, f1 = F.cpu_ns(), F.thread_faults()
+                    fn(...)
+                    cpu = cpu + (F.cpu_ns() - c1)
+                    faults = faults and f1 and faults + (F.thread_faults() - f1)
+                end
+                if ngx.var.arg_zone == "bare" then
+                    timed(F.bare_batch, base, n)
+                else
+                    -- in slices of arg_slice label sets with 1 ms pauses
+                    -- between (batch-sliced), else in one
+                    local slice = tonumber(ngx.var.arg_slice) or n
+                    local last = base + n - 1
+                    local function run(first)
+                        for i = first, math.min(first + slice - 1, last) do
+                            local ok = h:observe(0.01, { "/b/" .. i })
                             if not ok then failed = failed + 1 end
                         end
-                        cpu = cpu + (F.cpu_ns() - c1)
-                        faults = faults + (f1 and F.thread_faults() - f1 or 0)
-                        i = i + slice
-                        if i <= last then
+                    end
+                    for first = base, last, slice do
+                        if first > base then
                             ngx.sleep(0.001)
                         end
-                    end
-                    -- so that the sums below are the slices' own
-                    c0 = F.cpu_ns() - cpu
-                    f0 = f0 and F.thread_faults() - faults
-                elseif ngx.var.arg_zone == "bare" then
-                    F.bare_batch(base, n)
-                else
-                    for i = base, base + n - 1 do
-                        local ok = h:observe(0.01, { "/b/" .. i })
-                        if not ok then failed = failed + 1 end
+                        timed(run, first)
                     end
                 end
                 local ms = (F.mono_ns() - t0) / 1e6
-                local cpu_ms = (F.cpu_ns() - c0) / 1e6
-                local f1 = F.thread_faults()
                 ngx.say(require("shmprom_bench.json").encode({ ms = ms,
-                    cpu_ms = cpu_ms, faults = f0 and f1 and f1 - f0 or -1,
+                    cpu_ms = cpu / 1e6, faults = faults or -1,
                     failed = failed, worker = ngx.worker.id() }))
             }
         }
