@@ -121,10 +121,7 @@ EOS
     my $peer_http = $PEER ? 'lua_shared_dict peer_metrics 16m;' : '';
     my $peer_init = $PEER ? <<"EOL" : '';
         peer_prom = require("prometheus").init("peer_metrics")
-        peer_requests = peer_prom:counter("nginx_http_requests_total",
-            "Number of HTTP requests", {"host", "status"})
-        peer_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, require("shmprom_bench.readme").BUCKETS)
+        peer_requests, peer_latency = require("shmprom_bench.readme").metrics(peer_prom)
 EOL
     my ($mport) = free_ports(1);
     my $module = shmprom_module();

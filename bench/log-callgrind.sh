@@ -54,10 +54,7 @@ if [[ -n $PEER ]]; then
     PEER_HTTP='lua_shared_dict peer_metrics 16m;'
     # the peer's metrics as bench (b) defines them
     PEER_INIT='peer_prom = require("prometheus").init("peer_metrics")
-        peer_requests = peer_prom:counter("nginx_http_requests_total",
-            "Number of HTTP requests", {"host", "status"})
-        peer_latency = peer_prom:histogram("nginx_http_request_duration_seconds",
-            "HTTP request latency", {"host"}, require("shmprom_bench.readme").BUCKETS)'
+        peer_requests, peer_latency = require("shmprom_bench.readme").metrics(peer_prom)'
 fi
 
 conf() { # variant port

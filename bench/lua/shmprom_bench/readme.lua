@@ -14,14 +14,23 @@ _M.BUCKETS = require("shmprom_bench.fill").BUCKETS19
 -- reads
 local sink = {}
 
+--- metrics(lib) -> requests, latency
+-- The example's two metrics (requests by host and status, latency by host)
+-- defined in `lib`: a shmprom zone or an nginx-lua-prometheus instance,
+-- whose counter() and histogram() take the same arguments.
+function _M.metrics(lib)
+    local requests = lib:counter("nginx_http_requests_total",
+        "Number of HTTP requests", { "host", "status" })
+    local latency = lib:histogram("nginx_http_request_duration_seconds",
+        "HTTP request latency", { "host" }, _M.BUCKETS)
+    return requests, latency
+end
+
 --- setup(m) -> requests, latency, log_request, log_vars
 -- Defines the example's two metrics in zone `m` (requests by host and
 -- status, latency by host) and returns them with the two log functions.
 function _M.setup(m)
-    local requests = m:counter("nginx_http_requests_total",
-        "Number of HTTP requests", { "host", "status" })
-    local latency = m:histogram("nginx_http_request_duration_seconds",
-        "HTTP request latency", { "host" }, _M.BUCKETS)
+    local requests, latency = _M.metrics(m)
 
     local function log_request()
         local host = ngx.var.host
