@@ -10,7 +10,7 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/lib";
 use Test::More;
-use ShmpromTest qw(wait_until parse_metrics metric_sum metric_value repo_root);
+use ShmpromTest qw(wait_until parse_metrics metric_sum metric_value metric_series repo_root);
 
 my $LIB = repo_root() . '/target/release/libshmprom.so';
 plan skip_all => "$LIB not built (make build)" unless -f $LIB;
@@ -120,7 +120,7 @@ $r = $m->get('/metrics');
 my $q = eval { parse_metrics($r->{body}) } || { samples => {}, list => [] };
 is(metric_value($q, 'shmprom_series', family => 'readme_many_seconds'), $N,
    "all $N label sets created");
-my @errs = ShmpromTest::metric_series($q, 'shmprom_errors_total');
+my @errs = metric_series($q, 'shmprom_errors_total');
 ok(@errs > 0, 'the zone exports shmprom_errors_total');
 is(metric_sum($q, 'shmprom_errors_total'), 0, 'no error counted');
 @bad = $m->error_lines;
